@@ -1,0 +1,1 @@
+"""The operator console (Textual). Imports only the wire schemas and a TwinLink."""
