@@ -49,15 +49,18 @@ def rotate(n_candidates: int, k: int, counter: int) -> I64:
 
 
 def apportion(shares: F64, k: int, credit: F64) -> tuple[I64, F64]:
-    """Split k jobs by `shares` (summing to 1) using largest remainders plus carried credit."""
+    """Split k jobs by `shares` (summing to 1) using largest remainders plus carried credit.
+
+    The credit (what each candidate is owed or ahead, in jobs) keeps the split exact over many
+    small batches; it is bounded to one job either way so a changed candidate set cannot starve.
+    """
     want = credit + k * shares
-    counts = np.floor(want).astype(np.int64)
+    counts = np.floor(np.clip(want, 0.0, None)).astype(np.int64)
+    if counts.sum() > k:  # credit promised more than this batch holds: split this batch alone
+        want = k * shares
+        counts = np.floor(want).astype(np.int64)
     short = k - int(counts.sum())
     if short > 0:
         counts[np.argsort(-(want - counts), kind="stable")[:short]] += 1
-    elif short < 0:
-        over = np.flatnonzero(counts > 0)
-        drop = over[np.argsort(want[over] - counts[over], kind="stable")[:-short]]
-        counts[drop] -= 1
-    new_credit = want - counts
+    new_credit = np.clip(want - counts, -1.0, 1.0)
     return np.repeat(np.arange(shares.size, dtype=np.int64), counts), new_credit
