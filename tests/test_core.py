@@ -72,6 +72,7 @@ def check_invariants(twin: Twin) -> None:
     assert set(np.unique(r.phase[live]).tolist()) <= set(range(5))
     used = metrics.kv_used(s, p)
     assert (used <= p.inst_kv_capacity * (1 + 1e-9)).all(), "KV oversubscribed"
+    assert np.allclose(used, s.inst_kv_used, rtol=1e-9, atol=1.0), "KV bookkeeping drifted"
     # nothing is placed on an instance that is down
     assigned = live & (r.p_inst >= 0) & (r.phase <= core.PREFILL)
     assert s.inst_up[r.p_inst[assigned]].all()

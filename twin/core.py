@@ -43,6 +43,7 @@ REJECT_REASONS = ("no_capacity", "retry_budget")
 POLICIES = routing.POLICIES
 
 _TOL = 1e-9  # relative tolerance for "finished" on float work counters
+KEY_SHIFT = 40  # queue keys: instance << KEY_SHIFT | arrival sequence number
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +84,18 @@ class Params:
     slo_ttft_s: float
     slo_tpot_s: float
     max_retries: int
+    # derived once (not constructor arguments)
+    inst_mem_w_s: F64 = field(init=False)  # s per iteration to read the weights
+    inst_s_per_token: F64 = field(init=False)  # s of compute per token in an iteration
+    inst_nominal_prefill: F64 = field(init=False)  # prefill tokens/s running full chunks
+
+    def __post_init__(self) -> None:
+        mem_w = self.inst_weight_bytes / self.inst_w_bw
+        s_tok = self.inst_flops_per_token / self.inst_flops
+        t_chunk = self.inst_t_fixed + np.maximum(mem_w, self.inst_chunk * s_tok)
+        object.__setattr__(self, "inst_mem_w_s", mem_w)
+        object.__setattr__(self, "inst_s_per_token", s_tok)
+        object.__setattr__(self, "inst_nominal_prefill", self.inst_chunk / t_chunk)
 
     @property
     def n_inst(self) -> int:
@@ -232,6 +245,15 @@ class State:
     link_bytes: F64 = field(default_factory=lambda: np.zeros(0))
     weight_credit: F64 = field(default_factory=lambda: np.zeros(0))
     # last step's per-instance view (for telemetry and routing)
+    inst_kv_used: F64 = field(default_factory=lambda: np.zeros(0))  # bytes reserved
+    # the prefill queue in first-come-first-served order per instance, kept sorted by
+    # key = instance << KEY_SHIFT | seq (new rows are merged in, it is never re-sorted)
+    pre_rows: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pre_keys: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    kv_wait: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # awaiting KV room
+    kv_freed: bool = False  # KV was released since the waiting rows last tried to reserve
+    inst_queued_work: F64 = field(default_factory=lambda: np.zeros(0))  # at the last step's start
+    inst_load: F64 | None = None  # outstanding tokens, computed at most once per step
     inst_util: F64 = field(default_factory=lambda: np.zeros(0))
     inst_t_iter: F64 = field(default_factory=lambda: np.zeros(0))
     inst_power_w: F64 = field(default_factory=lambda: np.zeros(0))
@@ -276,6 +298,8 @@ def new_state(
         inst_output_tokens=np.zeros(n),
         inst_energy_j=np.zeros(n),
         inst_done=np.zeros(n, dtype=np.int64),
+        inst_kv_used=np.zeros(n),
+        inst_queued_work=np.zeros(n),
         link_bytes=np.zeros(params.n_links),
         weight_credit=np.zeros(n),
         inst_util=np.zeros(n),
@@ -304,16 +328,22 @@ def _group_excl_cumsum(groups: I64, values: F64) -> F64:
     return excl - base[np.cumsum(start) - 1]
 
 
-def _fcfs(rows: I64, group: I64, seq: I64) -> tuple[I64, I64]:
-    """Rows sorted first-come-first-served within each group; returns (rows, their groups)."""
-    order = np.lexsort((seq, group))
-    return rows[order], group[order]
+def _fcfs_order(group: I64, seq: I64) -> I64:
+    """Permutation putting rows first-come-first-served within each group."""
+    return np.argsort((group << KEY_SHIFT) | seq, kind="stable")
 
 
 def _prefill_work(prompt: I64 | F64, attn_coef: F64) -> F64:
     """Prefill work in token-equivalents: each token costs 2P FLOPs plus causal attention."""
     p = np.asarray(prompt, dtype=np.float64)
     return p + attn_coef * p * p
+
+
+def _bsum(idx: I64, weights: F64, n: int) -> F64:
+    """Per-bin sums as float64 (also for empty input)."""
+    if idx.size == 0:
+        return np.zeros(n)
+    return np.bincount(idx, weights=weights, minlength=n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,30 +356,36 @@ class _Rates:
     dec_rate: F64  # tokens per second per decoding request, per instance
     util: F64
     t_iter: F64
+    q_work: F64  # queued prefill work per instance
 
 
-def _rates(state: State, p: Params, pre_rows: I64, dec_rows: I64) -> _Rates:
+def _rates(state: State, p: Params, q_rows: I64, q_inst: I64, dec_rows: I64, di: I64) -> _Rates:
     r = state.req
     n = p.n_inst
-    q_work = np.bincount(r.p_inst[pre_rows], weights=r.prefill_left[pre_rows], minlength=n)
-    di = r.d_inst[dec_rows]
-    batch = np.bincount(di, minlength=n).astype(np.float64)
-    ctx = (r.prompt[dec_rows] + r.decoded[dec_rows]) * p.inst_kv_bpt[di]
-    kv_read = np.bincount(di, weights=ctx, minlength=n)
+    q_work = _bsum(q_inst, r.prefill_left[q_rows], n)
     chunk = np.minimum(p.inst_chunk, q_work)
-    compute_t = (batch * p.inst_spec + chunk) * p.inst_flops_per_token / p.inst_flops
-    mem_w = p.inst_weight_bytes / p.inst_w_bw
-    mem_kv = kv_read / p.inst_kv_bw
-    mem_t = np.where(p.inst_kv_separate, np.maximum(mem_w, mem_kv), mem_w + mem_kv)
-    busy = np.maximum(mem_t, compute_t)
+    if dec_rows.size:
+        batch = np.bincount(di, minlength=n).astype(np.float64)
+        ctx = (r.prompt[dec_rows] + r.decoded[dec_rows]) * p.inst_kv_bpt[di]
+        mem_kv = np.bincount(di, weights=ctx, minlength=n) / p.inst_kv_bw
+        mem_t = np.where(
+            p.inst_kv_separate, np.maximum(p.inst_mem_w_s, mem_kv), p.inst_mem_w_s + mem_kv
+        )
+        work = batch * p.inst_spec + chunk
+    else:
+        batch = np.zeros(n)
+        mem_t = p.inst_mem_w_s
+        work = chunk
+    busy = np.maximum(mem_t, work * p.inst_s_per_token)
     t_iter = p.inst_t_fixed + busy
     active = (batch > 0) | (chunk > 0)
     iters = np.where(active, 1.0 / t_iter, 0.0)
     return _Rates(
         pre_rate=iters * chunk,
         dec_rate=iters * p.inst_spec,
-        util=np.where(active, busy / t_iter, 0.0),
+        util=busy * iters,
         t_iter=np.where(active, t_iter, 0.0),
+        q_work=q_work,
     )
 
 
@@ -361,63 +397,86 @@ def step(
     Returns the time actually advanced.
     """
     r = state.req
-    ph = r.phase
+    n = p.n_inst
     t0 = state.t
-    pre_rows = np.flatnonzero(((ph == QUEUED_PREFILL) | (ph == PREFILL)) & (r.p_inst >= 0))
-    dec_rows = np.flatnonzero(ph == DECODE)
-    mov_rows = np.flatnonzero((ph == KV_TRANSFER) & (r.kv_res > 0))
-    rates = _rates(state, p, pre_rows, dec_rows)
+    q_rows = state.pre_rows
+    q_inst = state.pre_keys >> KEY_SHIFT
+    dec_rows = np.flatnonzero(r.phase == DECODE)
+    di = r.d_inst[dec_rows]
+    mov_rows = np.flatnonzero(r.phase == KV_TRANSFER)
+    if mov_rows.size:
+        mov_rows = mov_rows[r.kv_res[mov_rows] > 0]
+    rates = _rates(state, p, q_rows, q_inst, dec_rows, di)
+    state.inst_queued_work = rates.q_work
+    inf = np.inf
 
     # prefill: each instance's budget is shared first come, first served
-    s_rows, s_inst = _fcfs(pre_rows, r.p_inst[pre_rows], r.seq[pre_rows])
-    left = r.prefill_left[s_rows]
-    before = _group_excl_cumsum(s_inst, left)
-    pre_rate = rates.pre_rate[s_inst]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_pre = np.where(pre_rate > 0, (before + left) / pre_rate, np.inf)
+    if q_rows.size:
+        left = r.prefill_left[q_rows]
+        before = _group_excl_cumsum(q_inst, left)
+        pre_rate = rates.pre_rate[q_inst]
+        t_pre = np.divide(before + left, pre_rate, out=np.full(left.size, inf), where=pre_rate > 0)
+        next_pre = float(t_pre.min())
+    else:
+        next_pre = inf
     # decode: every request in a batch advances by tokens-per-iteration each iteration
-    di = r.d_inst[dec_rows]
-    dec_rate = rates.dec_rate[di]
-    remaining = r.output[dec_rows] - r.decoded[dec_rows]
-    t_dec = remaining / dec_rate
+    if dec_rows.size:
+        dec_rate = rates.dec_rate[di]
+        remaining = r.output[dec_rows] - r.decoded[dec_rows]
+        t_dec = remaining / dec_rate
+        next_dec = float(t_dec.min())
+    else:
+        next_dec = inf
     # KV transfers: latency first, then bytes at an equal share of the link's bandwidth
-    lk = r.link[mov_rows]
-    n_on_link = np.bincount(lk, minlength=p.n_links)
-    share = p.link_bw[lk] * state.link_factor[lk] / n_on_link[lk]
-    lat = r.lat_left[mov_rows]
-    with np.errstate(divide="ignore"):
+    if mov_rows.size:
+        lk = r.link[mov_rows]
+        n_on_link = np.bincount(lk, minlength=p.n_links)
+        share = p.link_bw[lk] * state.link_factor[lk] / n_on_link[lk]
+        lat = r.lat_left[mov_rows]
         t_mov = lat + r.kv_left[mov_rows] / share
+        next_mov = float(t_mov.min())
+    else:
+        next_mov = inf
 
     if adaptive:
-        nxt = min(
-            dt,
-            state.workload.next_time() - t0,
-            float(t_pre.min()) if t_pre.size else np.inf,
-            float(t_dec.min()) if t_dec.size else np.inf,
-            float(t_mov.min()) if t_mov.size else np.inf,
-        )
+        nxt = min(state.workload.next_time() - t0, next_pre, next_dec, next_mov)
         dt = min(dt, max(min_dt, nxt))
     t1 = t0 + dt
+    horizon = dt * (1 + _TOL)
 
     # --- progress over (t0, t1]
-    done_pre = t_pre <= dt * (1 + _TOL)
-    prog = np.clip(pre_rate * dt - before, 0.0, left)
-    r.prefill_left[s_rows] = np.where(done_pre, 0.0, left - prog)
-    r.phase[s_rows[prog > 0]] = PREFILL
-    tok_frac = 1.0 / (1.0 + p.inst_attn_coef[s_inst] * r.prompt[s_rows])
-    state.inst_prefill_tokens += np.bincount(s_inst, weights=prog * tok_frac, minlength=p.n_inst)
-
-    done_dec = t_dec <= dt * (1 + _TOL)
-    gained = np.minimum(dec_rate * dt, remaining)
-    r.decoded[dec_rows] += gained
-    state.inst_output_tokens += np.bincount(di, weights=gained, minlength=p.n_inst)
-
-    lat_used = np.minimum(lat, dt)
-    moved = np.minimum(share * (dt - lat_used), r.kv_left[mov_rows])
-    done_mov = t_mov <= dt * (1 + _TOL)
-    r.lat_left[mov_rows] = lat - lat_used
-    r.kv_left[mov_rows] -= moved
-    state.link_bytes += np.bincount(lk, weights=moved, minlength=p.n_links)
+    done_pre_rows = done_dec_rows = land = np.zeros(0, dtype=np.int64)
+    if q_rows.size:
+        prog = np.clip(pre_rate * dt - before, 0.0, left)
+        moved_any = prog > 0
+        r.prefill_left[q_rows] = left - prog
+        r.phase[q_rows[moved_any]] = PREFILL
+        tok = prog / (1.0 + p.inst_attn_coef[q_inst] * r.prompt[q_rows])
+        state.inst_prefill_tokens += np.bincount(q_inst, weights=tok, minlength=n)
+        if next_pre <= horizon:
+            done = t_pre <= horizon
+            done_pre_rows = q_rows[done]
+            t_done_pre = t0 + t_pre[done]
+            r.prefill_left[done_pre_rows] = 0.0
+            keep = ~done
+            state.pre_rows = q_rows[keep]
+            state.pre_keys = state.pre_keys[keep]
+    if dec_rows.size:
+        gained = np.minimum(dec_rate * dt, remaining)
+        r.decoded[dec_rows] += gained
+        state.inst_output_tokens += np.bincount(di, weights=gained, minlength=n)
+        if next_dec <= horizon:
+            done = t_dec <= horizon
+            done_dec_rows = dec_rows[done]
+            t_done_dec = t0 + t_dec[done]
+    if mov_rows.size:
+        lat_used = np.minimum(lat, dt)
+        moved = np.minimum(share * (dt - lat_used), r.kv_left[mov_rows])
+        r.lat_left[mov_rows] = lat - lat_used
+        r.kv_left[mov_rows] -= moved
+        state.link_bytes += np.bincount(lk, weights=moved, minlength=p.n_links)
+        if next_mov <= horizon:
+            land = mov_rows[t_mov <= horizon]
 
     state.inst_util = rates.util
     state.inst_t_iter = rates.t_iter
@@ -425,30 +484,36 @@ def step(
     state.inst_energy_j += state.inst_power_w * dt
     state.t = t1
     state.steps += 1
+    state.inst_load = None  # routing recomputes outstanding tokens once, if it needs them
 
     # --- transitions at t1
-    _finish_prefill(state, p, s_rows[done_pre], t0 + t_pre[done_pre])
-    _finish_decode(state, p, dec_rows[done_dec], t0 + t_dec[done_dec])
-    land = mov_rows[done_mov]
-    r.phase[land] = DECODE  # KV was reserved when the transfer started
-    r.kv_left[land] = 0.0
-    r.lat_left[land] = 0.0
-    _route_decode(state, p)
-    _reserve_kv(state, p)
-    _admit_arrivals(state, t1)
-    _route_prefill(state, p)
+    to_reserve = np.zeros(0, dtype=np.int64)
+    if done_pre_rows.size:
+        unified_rows, transfer_rows = _finish_prefill(state, p, done_pre_rows, t_done_pre)
+        to_reserve = np.concatenate([unified_rows, _route_decode(state, p, transfer_rows)])
+    if done_dec_rows.size:
+        r.decoded[done_dec_rows] = r.output[done_dec_rows]
+        _complete(state, p, done_dec_rows, t_done_dec, r.d_inst[done_dec_rows])
+    if land.size:
+        r.phase[land] = DECODE  # KV was reserved when the transfer started
+        r.kv_left[land] = 0.0
+        r.lat_left[land] = 0.0
+    _reserve_kv(state, p, to_reserve)
+    arrivals = _admit_arrivals(state, t1)
+    if arrivals.size:
+        _route_prefill(state, p, arrivals)
     return dt
 
 
-def _finish_prefill(state: State, p: Params, rows: I64, t_done: F64) -> None:
+def _finish_prefill(state: State, p: Params, rows: I64, t_done: F64) -> tuple[I64, I64]:
+    """First token out. Returns (rows awaiting a batch on their unified instance, rows to hand
+    off to a decode tier)."""
     r = state.req
-    if rows.size == 0:
-        return
     first = np.isnan(r.t_first[rows])
     r.t_first[rows[first]] = t_done[first]
     r.decoded[rows] = np.maximum(r.decoded[rows], 1.0)  # prefill emits the first token
     pi = r.p_inst[rows]
-    np.add.at(state.inst_output_tokens, pi[first], 1.0)
+    state.inst_output_tokens += _bsum(pi[first], np.ones(int(first.sum())), p.n_inst)
     single = r.output[rows] <= 1
     if single.any():
         _complete(state, p, rows[single], t_done[single], pi[single])
@@ -456,17 +521,11 @@ def _finish_prefill(state: State, p: Params, rows: I64, t_done: F64) -> None:
     unified = p.inst_role[pi] == ROLE_UNIFIED
     u = rows[unified]
     r.phase[u] = QUEUED_DECODE
-    r.d_inst[u] = r.p_inst[u]
+    r.d_inst[u] = pi[unified]
     d = rows[~unified]
     r.phase[d] = KV_TRANSFER
     r.d_inst[d] = -1
-
-
-def _finish_decode(state: State, p: Params, rows: I64, t_done: F64) -> None:
-    if rows.size:
-        r = state.req
-        r.decoded[rows] = r.output[rows]
-        _complete(state, p, rows, t_done, r.d_inst[rows])
+    return u, d
 
 
 def _complete(state: State, p: Params, rows: I64, t_done: F64, d_inst: I64) -> None:
@@ -477,26 +536,38 @@ def _complete(state: State, p: Params, rows: I64, t_done: F64, d_inst: I64) -> N
     ok = (ttft <= p.slo_ttft_s) & (tpot <= p.slo_tpot_s)
     state.done += rows.size
     state.done_ok += int(ok.sum())
-    np.add.at(state.inst_done, d_inst, 1)
+    state.inst_done += np.bincount(d_inst, minlength=p.n_inst)
     p_tier = p.inst_tier[r.p_inst[rows]].astype(np.int64)
     state.ring.push(t_done, ttft, tpot, out, p_tier, p.inst_tier[d_inst].astype(np.int64))
-    r.kv_res[rows] = 0.0
+    _release_kv(state, p, rows)
     r.release(rows)
     state.workload.on_done(np.sort(t_done))
 
 
-def _reject(state: State, rows: I64, reason: int) -> None:
+def _release_kv(state: State, p: Params, rows: I64) -> None:
+    r = state.req
+    held = rows[r.kv_res[rows] > 0]
+    if held.size:
+        state.inst_kv_used -= np.bincount(
+            r.d_inst[held], weights=r.kv_res[held], minlength=p.n_inst
+        )
+        np.maximum(state.inst_kv_used, 0.0, out=state.inst_kv_used)
+        r.kv_res[held] = 0.0
+        state.kv_freed = True
+
+
+def _reject(state: State, p: Params, rows: I64, reason: int) -> None:
     if rows.size:
         state.rejected[reason] += rows.size
-        state.req.kv_res[rows] = 0.0
+        _release_kv(state, p, rows)
         state.req.release(rows)
 
 
-def _admit_arrivals(state: State, t1: float) -> None:
+def _admit_arrivals(state: State, t1: float) -> I64:
     t, prompt, output = state.workload.take_until(t1)
     k = t.size
     if k == 0:
-        return
+        return np.zeros(0, dtype=np.int64)
     r = state.req
     rows = r.alloc(k)
     r.phase[rows] = QUEUED_PREFILL
@@ -516,6 +587,7 @@ def _admit_arrivals(state: State, t1: float) -> None:
     r.seq[rows] = state.next_seq + np.arange(k)
     state.next_seq += k
     state.arrived += k
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -523,29 +595,23 @@ def _admit_arrivals(state: State, t1: float) -> None:
 
 
 def _outstanding_tokens(state: State, p: Params) -> F64:
-    """Per instance: prefill work queued plus decode tokens still to generate."""
-    r = state.req
-    ph = r.phase
-    pre = np.flatnonzero(((ph == QUEUED_PREFILL) | (ph == PREFILL)) & (r.p_inst >= 0))
-    dec = np.flatnonzero((ph >= KV_TRANSFER) & (r.d_inst >= 0))
-    n = p.n_inst
-    load = np.zeros(n)
-    load += np.bincount(r.p_inst[pre], weights=r.prefill_left[pre], minlength=n)
-    load += np.bincount(r.d_inst[dec], weights=r.output[dec] - r.decoded[dec], minlength=n)
-    return load
+    """Per instance: queued prefill work plus decode tokens still to generate (once per step)."""
+    if state.inst_load is None:
+        r = state.req
+        dec = np.flatnonzero(r.phase >= KV_TRANSFER)
+        dec = dec[r.d_inst[dec] >= 0]
+        load = state.inst_queued_work.copy()
+        load += _bsum(r.d_inst[dec], (r.output[dec] - r.decoded[dec]).astype(np.float64), p.n_inst)
+        state.inst_load = load
+    return state.inst_load
 
 
 def _nominal_prefill_rate(p: Params) -> F64:
     """Prefill tokens per second of an instance running full chunks."""
-    t = p.inst_t_fixed + np.maximum(
-        p.inst_weight_bytes / p.inst_w_bw, p.inst_chunk * p.inst_flops_per_token / p.inst_flops
-    )
-    return p.inst_chunk / t
+    return p.inst_nominal_prefill
 
 
-def _assign(
-    state: State, p: Params, cand: I64, sizes: F64, load: F64, rate: F64, decode: bool
-) -> I64:
+def _assign(state: State, p: Params, cand: I64, sizes: F64, decode: bool) -> I64:
     """Candidate instance (from `cand`) for each job, by the state's routing policy."""
     policy = POLICIES[state.policy]
     k = sizes.size
@@ -563,98 +629,119 @@ def _assign(
         j, credit = routing.apportion(shares, k, state.weight_credit[cand])
         state.weight_credit[cand] = credit
         return cand[j]
+    load = _outstanding_tokens(state, p)
     if policy == "least_loaded":
         cost, marginal = load[cand], np.ones(cand.size)
     else:
-        seconds = load[cand] / rate[cand]
-        marginal = 1.0 / rate[cand]
+        if decode:
+            busy = np.where(state.inst_t_iter > 0, state.inst_t_iter, 0.0)
+            t_iter = np.maximum(busy[cand], p.inst_t_fixed[cand] + p.inst_mem_w_s[cand])
+            rate = p.inst_spec[cand] / t_iter
+        else:
+            rate = p.inst_nominal_prefill[cand]
+        seconds = load[cand] / rate
+        marginal = 1.0 / rate
         if policy == "latency_aware":
-            cost = seconds + (state.inst_t_iter[cand] if decode else 0.0)
+            cost = seconds + (t_iter if decode else 0.0)
         else:  # power_aware: joules per token, rising with queueing delay
             inst_w = state.inst_up_idle_w[cand] + state.inst_up_dyn_w[cand]
-            j_per_tok = inst_w / rate[cand]
+            j_per_tok = inst_w / rate
             scale = p.slo_tpot_s if decode else p.slo_ttft_s
             cost = j_per_tok * (1.0 + seconds / scale)
-            marginal = j_per_tok / (rate[cand] * scale)
-    return cand[routing.water_fill(cost, marginal, sizes)]
+            marginal = j_per_tok / (rate * scale)
+    inst = cand[routing.water_fill(cost, marginal, sizes)]
+    load += _bsum(inst, sizes, p.n_inst)
+    return inst
 
 
-def _eligible(state: State, p: Params) -> B:
+def _eligible(state: State) -> B:
     return state.inst_up & ~state.inst_draining
 
 
-def _route_prefill(state: State, p: Params) -> None:
+def _route_prefill(state: State, p: Params, rows: I64) -> None:
+    """Place requests waiting for prefill on prefill/unified instances and join their queues."""
     r = state.req
-    rows = np.flatnonzero((r.phase == QUEUED_PREFILL) & (r.p_inst < 0))
-    if rows.size == 0:
-        return
     rows = rows[np.argsort(r.seq[rows], kind="stable")]
-    cand = np.flatnonzero(_eligible(state, p) & (p.inst_role != ROLE_DECODE))
+    cand = np.flatnonzero(_eligible(state) & (p.inst_role != ROLE_DECODE))
     if cand.size == 0:
-        _reject(state, rows, REJECT_NO_CAPACITY)
+        _reject(state, p, rows, REJECT_NO_CAPACITY)
         return
-    load = _outstanding_tokens(state, p)
-    rate = _nominal_prefill_rate(p)
     sizes = r.prompt[rows].astype(np.float64)
-    inst = _assign(state, p, cand, sizes, load, rate, decode=False)
+    inst = _assign(state, p, cand, sizes, decode=False)
     r.p_inst[rows] = inst
+    r.phase[rows] = QUEUED_PREFILL
     r.prefill_left[rows] = _prefill_work(r.prompt[rows], p.inst_attn_coef[inst])
+    keys = (inst << KEY_SHIFT) | r.seq[rows]
+    order = np.argsort(keys, kind="stable")
+    keys, rows = keys[order], rows[order]
+    at = np.searchsorted(state.pre_keys, keys)
+    state.pre_keys = np.insert(state.pre_keys, at, keys)
+    state.pre_rows = np.insert(state.pre_rows, at, rows)
 
 
-def _route_decode(state: State, p: Params) -> None:
-    r = state.req
-    rows = np.flatnonzero((r.phase == KV_TRANSFER) & (r.d_inst < 0))
+def _route_decode(state: State, p: Params, rows: I64) -> I64:
+    """Pick a decode instance, in a tier linked to the prefill tier, for each handoff.
+
+    Returns the rows now waiting to reserve KV on their target.
+    """
     if rows.size == 0:
-        return
+        return rows
+    r = state.req
     rows = rows[np.argsort(r.seq[rows], kind="stable")]
-    elig = _eligible(state, p) & (p.inst_role == ROLE_DECODE)
-    load = None
+    elig = _eligible(state) & (p.inst_role == ROLE_DECODE)
     src_tier = p.inst_tier[r.p_inst[rows]]
-    for tier in np.unique(src_tier):  # a loop over prefill tiers (a handful), not requests
-        sel = rows[src_tier == tier]
+    placed = []
+    tiers = [int(src_tier[0])] if (src_tier == src_tier[0]).all() else np.unique(src_tier)
+    for tier in tiers:  # a loop over prefill tiers (a handful), not requests
+        sel = rows if len(tiers) == 1 else rows[src_tier == tier]
         links = p.link_of[tier]
         cand = np.flatnonzero(elig & (links[p.inst_tier] >= 0))
         if cand.size == 0:
-            _reject(state, sel, REJECT_NO_CAPACITY)
+            _reject(state, p, sel, REJECT_NO_CAPACITY)
             continue
-        if load is None:
-            load = _outstanding_tokens(state, p)
-        rate = np.where(
-            state.inst_t_iter > 0, p.inst_spec / np.maximum(state.inst_t_iter, 1e-12), 0
-        )
-        rate = np.maximum(rate, p.inst_spec / (p.inst_t_fixed + p.inst_weight_bytes / p.inst_w_bw))
         sizes = (r.output[sel] - r.decoded[sel]).astype(np.float64)
-        inst = _assign(state, p, cand, sizes, load, rate, decode=True)
+        inst = _assign(state, p, cand, sizes, decode=True)
         r.d_inst[sel] = inst
         r.link[sel] = links[p.inst_tier[inst]]
-        np.add.at(load, inst, sizes)
+        placed.append(sel)
+    return np.concatenate(placed) if placed else np.zeros(0, dtype=np.int64)
 
 
-def _reserve_kv(state: State, p: Params) -> None:
+def _reserve_kv(state: State, p: Params, new: I64) -> None:
     """Reserve KV for transfers waiting on their target and for unified requests awaiting a batch.
 
     First come, first served per instance; a request larger than the whole instance is rejected.
+    Waiting rows retry only when KV was freed or new rows joined.
     """
-    r = state.req
-    ph = r.phase
-    wait = np.flatnonzero(
-        ((ph == KV_TRANSFER) | (ph == QUEUED_DECODE)) & (r.kv_res == 0) & (r.d_inst >= 0)
-    )
-    if wait.size == 0:
+    if new.size == 0 and (state.kv_wait.size == 0 or not state.kv_freed):
         return
-    n = p.n_inst
-    held = np.flatnonzero(r.kv_res > 0)
-    used = np.bincount(r.d_inst[held], weights=r.kv_res[held], minlength=n)
-    rows, inst = _fcfs(wait, r.d_inst[wait], r.seq[wait])
+    state.kv_freed = False
+    r = state.req
+    cand = np.concatenate([state.kv_wait, new]) if state.kv_wait.size else new
+    ph = r.phase[cand]
+    valid = ((ph == KV_TRANSFER) | (ph == QUEUED_DECODE)) & (r.kv_res[cand] == 0)
+    cand = cand[valid & (r.d_inst[cand] >= 0)]
+    if cand.size == 0:
+        state.kv_wait = cand
+        return
+    if state.kv_wait.size and new.size:
+        cand = np.unique(cand)  # a reused row can be both waiting and new
+    inst = r.d_inst[cand]
+    order = _fcfs_order(inst, r.seq[cand])
+    rows, inst = cand[order], inst[order]
     need = (r.prompt[rows] + r.output[rows]) * p.inst_kv_bpt[inst]
     too_big = need > p.inst_kv_capacity[inst]
     if too_big.any():
-        _reject(state, rows[too_big], REJECT_NO_CAPACITY)
+        _reject(state, p, rows[too_big], REJECT_NO_CAPACITY)
         rows, inst, need = rows[~too_big], inst[~too_big], need[~too_big]
     before = _group_excl_cumsum(inst, need)
-    ok = before + need <= p.inst_kv_capacity[inst] - used[inst]
+    ok = before + need <= p.inst_kv_capacity[inst] - state.inst_kv_used[inst]
+    state.kv_wait = rows[~ok]
     rows, inst, need = rows[ok], inst[ok], need[ok]
+    if rows.size == 0:
+        return
     r.kv_res[rows] = need
+    state.inst_kv_used += np.bincount(inst, weights=need, minlength=p.n_inst)
     transfer = r.phase[rows] == KV_TRANSFER
     t_rows = rows[transfer]
     r.kv_left[t_rows] = r.prompt[t_rows] * p.inst_kv_bpt[inst[transfer]]
@@ -717,42 +804,48 @@ def drain_chips(state: State, p: Params, chips: I64) -> I64:
 def _evict(state: State, p: Params, down: I64) -> None:
     r = state.req
     ph = r.phase
-    live = ph != FREE
     is_down = np.zeros(p.n_inst, dtype=bool)
     is_down[down] = True
+    live = ph != FREE
     p_down = live & (r.p_inst >= 0) & is_down[np.maximum(r.p_inst, 0)]
     d_down = live & (r.d_inst >= 0) & is_down[np.maximum(r.d_inst, 0)]
     in_prefill = (ph == QUEUED_PREFILL) | (ph == PREFILL)
-    # prefill work is simply re-queued
+    # prefill work is simply re-queued (and restarts)
+    q_down = is_down[state.pre_keys >> KEY_SHIFT]
+    if q_down.any():
+        state.pre_rows = state.pre_rows[~q_down]
+        state.pre_keys = state.pre_keys[~q_down]
     requeue = np.flatnonzero(in_prefill & p_down)
-    r.phase[requeue] = QUEUED_PREFILL
-    r.p_inst[requeue] = -1
     # KV lost: decode on a downed instance, or a transfer whose source went down
     transfer = ph == KV_TRANSFER
     lost = np.flatnonzero((~in_prefill & d_down & ~transfer) | (transfer & p_down))
     # transfer target went down but the source still holds the KV: pick another target
     retarget = np.flatnonzero(transfer & d_down & ~p_down)
+    _release_kv(state, p, np.concatenate([lost, retarget]))
     r.d_inst[retarget] = -1
     r.link[retarget] = -1
-    r.kv_res[retarget] = 0.0
     r.kv_left[retarget] = 0.0
     r.lat_left[retarget] = 0.0
+    back = np.zeros(0, dtype=np.int64)
     if lost.size:
         r.retries[lost] += 1
         state.retries += lost.size
         over = lost[r.retries[lost] > p.max_retries]
         back = lost[r.retries[lost] <= p.max_retries]
-        _reject(state, over, REJECT_RETRY_BUDGET)
-        r.phase[back] = QUEUED_PREFILL
-        r.p_inst[back] = -1
+        _reject(state, p, over, REJECT_RETRY_BUDGET)
         r.d_inst[back] = -1
         r.link[back] = -1
-        r.kv_res[back] = 0.0
         r.kv_left[back] = 0.0
         r.lat_left[back] = 0.0
         r.decoded[back] = 0.0
-    _route_decode(state, p)
-    _route_prefill(state, p)
+    state.inst_queued_work = _bsum(
+        state.pre_keys >> KEY_SHIFT, r.prefill_left[state.pre_rows], p.n_inst
+    )
+    state.inst_load = None
+    _reserve_kv(state, p, _route_decode(state, p, retarget))
+    again = np.concatenate([requeue, back])
+    if again.size:
+        _route_prefill(state, p, again)
 
 
 def set_link_factor(state: State, link: int, factor: float) -> None:
