@@ -343,7 +343,7 @@ def _bsum(idx: I64, weights: F64, n: int) -> F64:
     """Per-bin sums as float64 (also for empty input)."""
     if idx.size == 0:
         return np.zeros(n)
-    return np.bincount(idx, weights=weights, minlength=n)
+    return np.bincount(idx, weights=weights, minlength=n).astype(np.float64, copy=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ class Workload:
         peak = self.rate_per_s
         if self.spec.arrivals == "bursty":
             peak *= max(1.0, self.burst_factor)
-        return peak * max(1.0, self.burst_extra)
+        if self._cursor_t < self.burst_until_s:
+            peak *= max(1.0, self.burst_extra)
+        return peak
 
     def _generate_block(self) -> None:
         """Extend the pending queue by one block of candidates (thinning for time-varying rates)."""
