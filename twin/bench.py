@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import resource
 import statistics
 import time
@@ -137,13 +138,59 @@ def repeat(fn: Callable[[], dict[str, float]], runs: int) -> dict[str, dict[str,
     return {k: _stats([r[k] for r in results]) for k in results[0]}
 
 
-def main(quick: bool = False) -> dict[str, Any]:
+def run_all(quick: bool = False, broker: str | None = None) -> dict[str, Any]:
+    """Every benchmark this machine can run; B3 needs a broker URL."""
     catalog = load_catalog()
     runs = 3 if quick else 5
     out: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "numpy": np.__version__},
         "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "processor": platform.machine(),
+        },
+        "runs": runs,
     }
     gc.collect()
     out["b1"] = repeat(lambda: run_b1(catalog), runs)
+    steps = 10 if quick else 30
+    out["b2"] = repeat(lambda: run_b2(catalog, steps=steps), runs)
+    if broker is not None:
+        from twin.bench_live import run_b3
+
+        out["b3"] = run_b3(catalog, broker, duration_s=20.0 if quick else 120.0)
     return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"fleet-twin bench  {result['date']}  {result['machine']}  median of {result['runs']}")
+    for group in ("b1", "b2", "b3"):
+        if group not in result:
+            continue
+        for key, v in result[group].items():
+            if isinstance(v, dict):
+                print(
+                    f"  {key:<28} {v['median']:>12.3f}   (min {v['min']:.3f}, max {v['max']:.3f})"
+                )
+            else:
+                print(f"  {key:<28} {v:>12.3f}")
+
+
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="performance figures (docs/performance.md)")
+    p.add_argument("--quick", action="store_true", help="fewer runs and shorter live runs")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--broker", default=None, help="mqtt://HOST:PORT: also run B3 (live twin)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(a: Any) -> int:
+    import json
+
+    result = run_all(a.quick, a.broker)
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0

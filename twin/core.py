@@ -363,7 +363,10 @@ def _rates(state: State, p: Params, q_rows: I64, q_inst: I64, dec_rows: I64, di:
     r = state.req
     n = p.n_inst
     q_work = _bsum(q_inst, r.prefill_left[q_rows], n)
-    chunk = np.minimum(p.inst_chunk, q_work)
+    # The chunk an iteration carries is set by the queued requests' whole prompts, not by what is
+    # left of them: a prompt shorter than the budget is one iteration however the steps fall.
+    q_full = _bsum(q_inst, _prefill_work(r.prompt[q_rows], p.inst_attn_coef[q_inst]), n)
+    chunk = np.minimum(p.inst_chunk, q_full)
     if dec_rows.size:
         batch = np.bincount(di, minlength=n).astype(np.float64)
         ctx = (r.prompt[dec_rows] + r.decoded[dec_rows]) * p.inst_kv_bpt[di]
