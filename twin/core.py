@@ -618,6 +618,8 @@ def _assign(state: State, p: Params, cand: I64, sizes: F64, decode: bool) -> I64
     """Candidate instance (from `cand`) for each job, by the state's routing policy."""
     policy = POLICIES[state.policy]
     k = sizes.size
+    if cand.size == 1:  # nothing to decide
+        return np.repeat(cand, k)
     if policy == "round_robin":
         j = routing.rotate(cand.size, k, state.rr_counter)
         state.rr_counter += k
@@ -677,6 +679,9 @@ def _route_prefill(state: State, p: Params, rows: I64) -> None:
     keys = (inst << KEY_SHIFT) | r.seq[rows]
     order = np.argsort(keys, kind="stable")
     keys, rows = keys[order], rows[order]
+    if state.pre_keys.size == 0:
+        state.pre_keys, state.pre_rows = keys, rows
+        return
     at = np.searchsorted(state.pre_keys, keys)
     state.pre_keys = np.insert(state.pre_keys, at, keys)
     state.pre_rows = np.insert(state.pre_rows, at, rows)

@@ -17,6 +17,8 @@ I64 = NDArray[np.int64]
 ARRIVALS = ("poisson", "bursty", "trace", "closed")
 DISTS = ("fixed", "uniform", "lognormal")
 _BLOCK = 512
+_EMPTY_F: F64 = np.empty(0)
+_EMPTY_I: I64 = np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +170,8 @@ class Workload:
 
     def take_until(self, t_end: float) -> tuple[F64, I64, I64]:
         """Remove and return all arrivals at or before `t_end`."""
+        if self._t.size and self._t[0] > t_end:  # the common case: nothing due yet
+            return _EMPTY_F, _EMPTY_I, _EMPTY_I
         self._fill_to(t_end)
         n = self._cap(int(np.searchsorted(self._t, t_end, side="right")))
         t, p, o = self._t[:n], self._p[:n], self._o[:n]
