@@ -312,7 +312,7 @@ async def test_rate_and_burst(make: Callable[..., tuple[Engine, VirtualClock]]) 
     e, _ = make(speed=0.0)
     sub = e.subscribe(100_000)
     await e.run_for(5.0)
-    assert of(sub.drain(), telemetry.Summary)[-1].rate_per_s == 20.0
+    assert of(sub.drain(), telemetry.Summary)[-1].rate_per_s == e.twin.fleet.workload.rate_per_s
     assert (await e.command(telemetry.SetRate(rate_per_s=50.0))).ok
     await e.run_for(5.0)
     msgs = sub.drain()
