@@ -44,6 +44,10 @@ POLICIES = routing.POLICIES
 
 _TOL = 1e-9  # relative tolerance for "finished" on float work counters
 KEY_SHIFT = 40  # queue keys: instance << KEY_SHIFT | arrival sequence number
+# Share of a chip's dynamic power (peak - idle) drawn while an iteration waits on memory rather
+# than compute. Estimate: Splitwise (Patel et al., ISCA 2024) measured the memory-bound token phase
+# well below TDP, and capping token-phase GPUs' power cost it little throughput.
+MEMORY_BOUND_POWER = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -355,6 +359,7 @@ class _Rates:
     pre_rate: F64  # prefill token-equivalents per second, per instance
     dec_rate: F64  # tokens per second per decoding request, per instance
     util: F64
+    power_frac: F64  # share of dynamic power drawn
     t_iter: F64
     q_work: F64  # queued prefill work per instance
 
@@ -379,14 +384,19 @@ def _rates(state: State, p: Params, q_rows: I64, q_inst: I64, dec_rows: I64, di:
         batch = np.zeros(n)
         mem_t = p.inst_mem_w_s
         work = chunk
-    busy = np.maximum(mem_t, work * p.inst_s_per_token)
+    compute_t = work * p.inst_s_per_token
+    busy = np.maximum(mem_t, compute_t)
     t_iter = p.inst_t_fixed + busy
     active = (batch > 0) | (chunk > 0)
     iters = np.where(active, 1.0 / t_iter, 0.0)
+    # dynamic power: full while the compute units are the bottleneck, a fraction while waiting on
+    # memory
+    power_t = compute_t + MEMORY_BOUND_POWER * (busy - compute_t)
     return _Rates(
         pre_rate=iters * chunk,
         dec_rate=iters * p.inst_spec,
         util=busy * iters,
+        power_frac=power_t * iters,
         t_iter=np.where(active, t_iter, 0.0),
         q_work=q_work,
     )
@@ -483,7 +493,7 @@ def step(
 
     state.inst_util = rates.util
     state.inst_t_iter = rates.t_iter
-    state.inst_power_w = state.inst_up_idle_w + rates.util * state.inst_up_dyn_w
+    state.inst_power_w = state.inst_up_idle_w + rates.power_frac * state.inst_up_dyn_w
     state.inst_energy_j += state.inst_power_w * dt
     state.t = t1
     state.steps += 1
