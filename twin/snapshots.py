@@ -324,7 +324,7 @@ class SnapshotBuilder:
             p, (phases[:, core.QUEUED_PREFILL] + phases[:, core.QUEUED_DECODE])
         )
         batch = metrics.tier_sum(p, phases[:, core.DECODE].astype(np.float64))
-        kv_used = metrics.tier_sum(p, metrics.kv_used(state, p))
+        kv_used = metrics.tier_sum(p, state.inst_kv_used)
         up = state.inst_up
         kv_cap = metrics.tier_sum(p, np.where(up, p.inst_kv_capacity, 0.0))
         n_up = metrics.tier_sum(p, up.astype(np.float64))
@@ -336,11 +336,12 @@ class SnapshotBuilder:
         energy = metrics.tier_sum(p, rates.energy_j)
         out_w = metrics.tier_sum(p, rates.out_window)
         pre_w = metrics.tier_sum(p, rates.prefill_window)
+        latencies = metrics.latency_by_tier(state, p, since_s=state.t - self.latency_window_s)
         msgs: list[telemetry.Tier] = []
         for i, name in enumerate(layout.tier_names):
             role = layout.tier_roles[i]
             work = pre_w[i] if role == "prefill" else out_w[i]
-            lat = self.latency(i)
+            lat = latencies[i]
             msgs.append(
                 telemetry.Tier(
                     ts_ms=ts_ms,
