@@ -74,7 +74,7 @@ def _with(flag: str, value: str) -> list[str]:
         (_with("--chips", "0"), "--chips: expected a positive integer"),
         (_with("--concurrency", "-4"), "--concurrency: expected a positive integer"),
         (_with("--input-tokens", "many"), "--input-tokens"),
-        (_with("--chips", "1")[:6] + ["llama-3.1-405b", *PREDICT[7:]], "--chips: llama-3.1-405b"),
+        ([*_with("--chips", "1")[:6], "llama-3.1-405b", *PREDICT[7:]], "--chips: llama-3.1-405b"),
         (_with("--input-tokens", "10000000"), "KV cache"),
         ([*PREDICT, "--spec-decode", "0.5"], "--spec-decode"),
         (PREDICT[:3], "required"),
@@ -140,6 +140,7 @@ def test_simulate_same_seed_same_numbers(capsys: pytest.CaptureFixture[str]) -> 
         code, out, _ = run(
             ["simulate", "nvidia-groq", "--duration", "20", "--seed", "7", "--json"], capsys
         )
+        assert code == 0
         r = json.loads(out)
         r.pop("wall_time_s")
         runs.append(r)

@@ -34,7 +34,7 @@ def _listen(broker: str, fleet: str, duration_s: float, out: Any) -> None:
 
     async def main() -> dict[str, list[float]]:
         config = BrokerConfig.make(broker)
-        decoder = msgspec.json.Decoder(telemetry.Message)  # type: ignore[arg-type]
+        decoder = msgspec.json.Decoder(telemetry.Message)
         stop = asyncio.Event()
         asyncio.get_running_loop().call_later(duration_s, stop.set)
         got: dict[str, list[float]] = {"latency_ms": [], "lag_s": [], "dropped": [0.0]}

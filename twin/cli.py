@@ -12,7 +12,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from twin.bench import add_bench_parser
 from twin.catalog import ConfigError
+from twin.chaos_cli import add_chaos_parser
+from twin.replay import add_replay_parser
+from twin.serve import add_serve_parser, add_watch_parser
 
 DEFAULT_FLEET = "all-vendors"
 
@@ -173,20 +177,85 @@ def _print_summary(r: dict[str, Any]) -> None:
 def _cmd_main(argv: Sequence[str]) -> int:
     p = _Parser(prog="fleet-twin", description="the operator console on a fleet (in-process twin)")
     p.add_argument("fleet", nargs="?", default=DEFAULT_FLEET, help="fleet file or shipped name")
-    p.add_argument("--duration", type=_positive_float, default=60.0, help=argparse.SUPPRESS)
+    p.add_argument("--speed", type=_positive_float, default=1.0, help="x real time (default 1)")
+    p.add_argument("--seed", type=_nonneg_int, default=None, help="random seed (default: fleet's)")
+    p.add_argument("--rate", type=_positive_float, default=None, help="arrivals per second")
+    p.add_argument(
+        "--read-only", action="store_true", help="watch only: every action is hidden and refused"
+    )
     a = p.parse_args(argv)
-    # Until the console lands, the main job simulates the fleet and prints its summary.
-    from twin import simulate
+    from twin.build import new_twin
+    from twin.catalog import load_catalog
+    from twin.engine import Engine
+    from twin.fleet import load_fleet, resolve_fleet_path
 
-    twin = _load_twin(a.fleet)
-    wall = simulate.run(twin, a.duration)
-    _print_summary(simulate.report(twin, wall))
-    return 0
+    catalog = load_catalog()
+    fleet = load_fleet(resolve_fleet_path(a.fleet), catalog)
+    twin = new_twin(fleet, catalog, seed=a.seed, rate_per_s=a.rate)
+    engine = Engine(twin, speed=a.speed, read_only=a.read_only, catalog=catalog)
+
+    from tui.app import run_console
+    from tui.link_local import LocalLink
+
+    _quiet_logging()
+    return run_console(LocalLink(engine), read_only=a.read_only)
+
+
+def _quiet_logging() -> None:
+    """Nothing may write to the terminal under the console (a stray warning would tear it)."""
+    import logging
+
+    logging.getLogger().addHandler(logging.NullHandler())
+    logging.getLogger().setLevel(logging.CRITICAL)
+
+
+def _add_tui(sub: Any) -> None:
+    from twin.serve import add_broker_options
+
+    p = sub.add_parser(
+        "tui",
+        help="the operator console attached to a remote twin over MQTT",
+        description="Open the operator console on a twin that runs elsewhere "
+        "(`fleet-twin serve`), through an MQTT 5 broker.",
+    )
+    p.add_argument("--fleet", required=True, help="fleet name (the topic is fleet-twin/v1/NAME/)")
+    p.add_argument(
+        "--read-only", action="store_true", help="watch only: every action is hidden and refused"
+    )
+    add_broker_options(p)
+    p.set_defaults(func=_cmd_tui)
+
+
+def _cmd_tui(a: argparse.Namespace) -> int:
+    from twin.mqtt import BrokerConfig
+    from twin.serve import broker_kwargs
+
+    config = BrokerConfig.make(a.broker, **broker_kwargs(a))
+    from tui.app import run_console
+    from tui.link_mqtt import MqttLink
+
+    link = MqttLink(
+        config.url.host,
+        config.url.port,
+        a.fleet,
+        username=config.username,
+        password=config.password,
+        tls_context=config.tls_context,
+        client_id=config.client_id,
+    )
+    _quiet_logging()
+    return run_console(link, read_only=a.read_only)
 
 
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "predict": _add_predict,
     "simulate": _add_simulate,
+    "serve": add_serve_parser,
+    "watch": add_watch_parser,
+    "chaos": add_chaos_parser,
+    "replay": add_replay_parser,
+    "tui": _add_tui,
+    "bench": add_bench_parser,
 }
 
 
