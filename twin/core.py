@@ -171,7 +171,7 @@ class Requests:
             b = np.full(new, fill, dtype=a.dtype)
             b[:old] = a
             setattr(self, name, b)
-        free = np.empty(new, dtype=np.int64)
+        free = np.zeros(new, dtype=np.int64)
         free[: self.n_free] = self.free[: self.n_free]
         added = np.arange(new - 1, old - 1, -1, dtype=np.int64)
         free[self.n_free : self.n_free + added.size] = added

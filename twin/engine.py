@@ -20,6 +20,15 @@ counts it, so a slow subscriber never slows the simulation.
 
 The core never sees a clock; simulated time comes only from the clock and the speed. `ts_ms` on
 messages is wall-clock time (injectable as `wall_ms`).
+
+Scenarios. The engine knows nothing of chaos scenarios (twin.engine may not import twin.chaos): a
+scenario runner is installed from outside (`set_scenario_runner`, done by twin.chaos_live for
+`fleet-twin serve` and the console's embedded twin) with the names it can run, which go into
+`meta.scenarios`. `run_scenario` checks the name, refuses while one runs (or without a runner),
+starts the runner as a background task and replies at once; the runner drives the twin through
+`command()` like any client and reads it through a subscription, and the engine sends
+`scenario_started` and, when the runner returns, `scenario_finished` with its verdict and a
+one-line summary. `stop_scenario` cancels the task; the runner then runs the rollbacks.
 """
 
 from __future__ import annotations
@@ -29,9 +38,10 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import NamedTuple, Protocol
 
+import msgspec
 import numpy as np
 
 from twin import core, telemetry
@@ -43,8 +53,11 @@ from twin.telemetry import CommandError
 
 __all__ = [
     "READ_ONLY_ERROR",
+    "STOP_REASON",
     "Clock",
     "Engine",
+    "ScenarioOutcome",
+    "ScenarioRunner",
     "Subscription",
     "SubscriptionClosed",
     "VirtualClock",
@@ -52,6 +65,8 @@ __all__ = [
 ]
 
 READ_ONLY_ERROR = "read-only twin: commands are disabled"
+#: The message of the cancellation that `stop_scenario` delivers to a running scenario.
+STOP_REASON = "stopped by the operator (stop_scenario)"
 _EPS = 1e-9
 STREAMS = ("summary", "tier", "chips")
 
@@ -169,6 +184,22 @@ class Subscription:
 
 
 # ------------------------------------------------------------------------------------------------
+# scenarios (the runner is installed from outside: see the module docstring)
+
+
+class ScenarioOutcome(NamedTuple):
+    """What a scenario runner returns: its verdict (pass, fail, not-run, aborted) and one line."""
+
+    verdict: str
+    summary: str
+
+
+#: `runner(engine, name)`: run scenario `name` on the engine until it is done (or cancelled, when
+#: it must roll back what it changed and return, verdict "aborted").
+ScenarioRunner = Callable[["Engine", str], Awaitable[ScenarioOutcome]]
+
+
+# ------------------------------------------------------------------------------------------------
 # the engine
 
 
@@ -192,6 +223,8 @@ class Engine:
         latency_window_s: float = 10.0,
         rate_window_s: float = 2.0,
         min_step_s: float = MIN_STEP_S,
+        scenario_runner: ScenarioRunner | None = None,
+        scenarios: Sequence[str] = (),
     ) -> None:
         if not (math.isfinite(speed) and 0.0 <= speed <= telemetry.MAX_SPEED):
             raise ValueError(f"speed must be in [0, {telemetry.MAX_SPEED:g}], got {speed}")
@@ -215,12 +248,19 @@ class Engine:
         self._snap = SnapshotBuilder(
             twin, latency_window_s=latency_window_s, rate_window_s=rate_window_s
         )
+        self._scenario_runner: ScenarioRunner | None = None
+        self._scenarios: tuple[str, ...] = ()
+        self._scenario: str | None = None  # the one running
+        self._scenario_task: asyncio.Task[None] | None = None
+        self._scenario_stopping = False
         self._meta = build_meta(
             twin,
             catalog if catalog is not None else load_catalog(),
             run_id=self.run_id,
             ts_ms=self._wall_ms(),
         )
+        if scenario_runner is not None:
+            self.set_scenario_runner(scenario_runner, scenarios)
         self._subs: list[Subscription] = []
         self._pending: deque[tuple[telemetry.Command, asyncio.Future[telemetry.Reply]]] = deque()
         self._running = False
@@ -271,6 +311,23 @@ class Engine:
         lag = target - self._state.t
         return lag if lag > _EPS else 0.0
 
+    @property
+    def scenarios(self) -> tuple[str, ...]:
+        """The scenarios `run_scenario` may name (none without a runner)."""
+        return self._scenarios
+
+    @property
+    def scenario(self) -> str | None:
+        """The scenario running now, if any."""
+        return self._scenario
+
+    def set_scenario_runner(self, runner: ScenarioRunner | None, names: Sequence[str]) -> None:
+        """Install (or, with None, remove) the scenario runner and the names it runs; they go
+        into `meta.scenarios`. Install it before the meta is published."""
+        self._scenario_runner = runner
+        self._scenarios = tuple(names) if runner is not None else ()
+        self._meta = msgspec.structs.replace(self._meta, scenarios=list(self._scenarios))
+
     def status(self, state: str = "online") -> telemetry.Status:
         if state not in ("online", "offline"):
             raise ValueError(f"status must be 'online' or 'offline', got {state!r}")
@@ -304,12 +361,19 @@ class Engine:
     async def command(self, cmd: telemetry.Command) -> telemetry.Reply:
         """Queue a command; it is applied between steps, in arrival order. When the engine is
         not running it is applied at once."""
+        return await self.submit(cmd)
+
+    def submit(self, cmd: telemetry.Command) -> asyncio.Future[telemetry.Reply]:
+        """`command()` without the coroutine: the command is queued (or, when the engine is not
+        running, applied) now, and the future gets its reply. A cancelled future does not
+        withdraw the command."""
+        fut: asyncio.Future[telemetry.Reply] = asyncio.get_running_loop().create_future()
         if not self._running:
             self._apply_pending()
-            return self._apply(cmd)
-        fut: asyncio.Future[telemetry.Reply] = asyncio.get_running_loop().create_future()
-        self._pending.append((cmd, fut))
-        return await fut
+            fut.set_result(self._apply(cmd))
+        else:
+            self._pending.append((cmd, fut))
+        return fut
 
     async def handle_payload(self, payload: bytes) -> telemetry.Reply:
         """Decode and apply a command; a payload that cannot be decoded gets an error reply."""
@@ -338,6 +402,8 @@ class Engine:
             detail = self._dispatch(cmd)
         except CommandError as e:
             return self._reject(cmd.id, kind, str(e))
+        except Exception as e:  # a bug must not kill the twin: the sender hears of it
+            return self._reject(cmd.id, kind, f"internal error: {type(e).__name__}: {e}")
         return telemetry.Reply(
             ts_ms=self._wall_ms(), id=cmd.id, ok=True, detail=detail, sim_time_s=self._state.t
         )
@@ -347,6 +413,12 @@ class Engine:
         return telemetry.Reply(
             ts_ms=self._wall_ms(), id=cmd_id, ok=False, error=error, sim_time_s=self._state.t
         )
+
+    def emit_event(
+        self, event: str, severity: telemetry.Severity, target: str, detail: str
+    ) -> None:
+        """Send an event to every subscriber (a scenario runner reports its steps with it)."""
+        self._event(event, severity, target, detail)
 
     def _event(self, event: str, severity: telemetry.Severity, target: str, detail: str) -> None:
         self._publish(
@@ -453,7 +525,81 @@ class Engine:
             detail = f"speed {_speed_text(old_speed)} -> {_speed_text(cmd.speed)}"
             self._event("speed_changed", "info", "clock", detail)
             return detail
+        if isinstance(cmd, T.RunScenario):
+            return self._start_scenario(cmd.name)
+        if isinstance(cmd, T.StopScenario):
+            return self._stop_scenario()
         raise CommandError(f"cmd: unsupported command {type(cmd).__name__}")  # pragma: no cover
+
+    # -- scenarios ----------------------------------------------------------------------------
+    def _start_scenario(self, name: str) -> str:
+        if self._scenario_runner is None:
+            raise CommandError("run_scenario: this twin has no scenario runner")
+        if name not in self._scenarios:
+            known = ", ".join(self._scenarios) or "none for this fleet"
+            raise CommandError(f"name: unknown scenario {name!r} (expected one of: {known})")
+        if self._scenario is not None:
+            raise CommandError(
+                f"run_scenario: scenario {self._scenario!r} is running "
+                "(stop_scenario first, or wait for it to finish)"
+            )
+        runner = self._scenario_runner
+        self._scenario = name
+        self._scenario_stopping = False
+        task = asyncio.get_running_loop().create_task(
+            self._scenario_main(runner, name), name=f"scenario-{name}"
+        )
+        task.add_done_callback(self._scenario_done)
+        self._scenario_task = task
+        detail = f"scenario {name} started at t={self._state.t:.1f} s"
+        self._event("scenario_started", "info", name, detail)
+        return detail
+
+    async def _scenario_main(self, runner: ScenarioRunner, name: str) -> None:
+        try:
+            outcome = await runner(self, name)
+        except asyncio.CancelledError:
+            outcome = ScenarioOutcome("aborted", "cancelled before it could roll back")
+        except Exception as e:  # a broken runner must not take the twin down
+            outcome = ScenarioOutcome("aborted", f"the scenario runner failed: {e}")
+        finally:
+            self._scenario = None
+            self._scenario_task = None
+            self._scenario_stopping = False
+        severity: telemetry.Severity = "info" if outcome.verdict == "pass" else "warning"
+        self._event("scenario_finished", severity, name, f"{outcome.verdict}: {outcome.summary}")
+
+    def _scenario_done(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never ran `_scenario_main`: clean up here."""
+        if self._scenario_task is task:
+            name = self._scenario or "?"
+            self._scenario = None
+            self._scenario_task = None
+            self._scenario_stopping = False
+            self._event("scenario_finished", "warning", name, "aborted: stopped before it started")
+
+    def _stop_scenario(self) -> str:
+        name, task = self._scenario, self._scenario_task
+        if name is None or task is None:
+            raise CommandError("stop_scenario: no scenario is running")
+        if self._scenario_stopping:
+            return f"scenario {name} is already stopping"
+        self._scenario_stopping = True
+        task.cancel(STOP_REASON)
+        detail = f"stopping scenario {name}: its rollbacks run"
+        self._event("scenario_stopping", "info", name, detail)
+        return detail
+
+    async def close_scenario(self, reason: str = "the twin is stopping") -> None:
+        """Stop the running scenario, if any, and wait until it has rolled back (commands are
+        applied at once when the engine is not running). For a twin that is shutting down."""
+        task = self._scenario_task
+        if task is None:
+            return
+        if not self._scenario_stopping:
+            self._scenario_stopping = True
+            task.cancel(reason)
+        await asyncio.wait({task})
 
     def _resolve_target(self, target: str) -> tuple[np.ndarray, str]:
         """Chip indices of a chip id "<tier>/<k>/<j>" or an instance id "<tier>/<k>"."""
@@ -464,7 +610,8 @@ class Engine:
             return np.arange(start, start + n, dtype=np.int64), f"instance {target} ({n} chips)"
         head, _, tail = target.rpartition("/")
         inst = self._inst_index.get(head)
-        if inst is not None and tail.isdigit() and int(tail) < int(p.inst_n_chips[inst]):
+        canonical = tail.isascii() and tail.isdecimal() and str(int(tail)) == tail
+        if inst is not None and canonical and int(tail) < int(p.inst_n_chips[inst]):
             chip = int(p.inst_chip_start[inst]) + int(tail)
             return np.array([chip], dtype=np.int64), f"chip {target}"
         example = self.twin.layout.inst_names[0]

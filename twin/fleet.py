@@ -44,6 +44,10 @@ _CATALOG_STEMS = frozenset({"hardware", "models"})
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 # The largest instance `load_fleet` searches for when it says how many chips a model needs.
 _MAX_CHIPS = 1 << 17
+# Upper bounds: past these a fleet could not be built or stepped on any machine.
+MAX_INSTANCES = 100_000  # per tier
+MAX_RATE_PER_S = 1e6
+MAX_TOKENS = 1 << 20  # any token length
 
 
 class Slo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -470,11 +474,15 @@ class _Checker:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def positive(self, key: str, v: float, what: str = "a positive number") -> None:
+    def positive(
+        self, key: str, v: float, what: str = "a positive number", *, most: float = math.inf
+    ) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             self.fail(key, f"expected {what}, got {v}")
         if not v > 0:
             self.fail(key, f"expected {what}, got {v}")
+        if v > most:
+            self.fail(key, f"expected {what} of at most {most:g}, got {v}")
 
     def non_negative(self, key: str, v: float) -> None:
         if (isinstance(v, float) and not math.isfinite(v)) or v < 0:
@@ -505,7 +513,12 @@ class _Checker:
         w = f.workload
         if w.model not in self.cat.models:
             self.fail("workload.model", f"unknown model {w.model!r} {_one_of(self.cat.models)}")
-        self.positive("workload.rate_per_s", w.rate_per_s, "a positive rate in requests/s")
+        self.positive(
+            "workload.rate_per_s",
+            w.rate_per_s,
+            "a positive rate in requests/s",
+            most=MAX_RATE_PER_S,
+        )
         if w.arrivals == "bursty":
             if not (math.isfinite(w.burst_factor) and w.burst_factor >= 1):
                 self.fail("workload.burst_factor", f"expected a number >= 1, got {w.burst_factor}")
@@ -534,7 +547,7 @@ class _Checker:
             if v is not None and name == "sigma":
                 self.non_negative(f"{key}.{name}", v)
             elif v is not None:
-                self.positive(f"{key}.{name}", v)
+                self.positive(f"{key}.{name}", v, most=MAX_TOKENS)
         if d.dist == "uniform" and d.low is not None and d.high is not None and d.low > d.high:
             self.fail(f"{key}.high", f"expected high >= low ({d.low}), got {d.high}")
         if d.dist == "lognormal" and d.min is not None and d.max is not None and d.min > d.max:
@@ -570,8 +583,15 @@ class _Checker:
                     f"system {t.system!r} cannot take role {t.role!r} "
                     f"(it supports: {', '.join(system.roles)})",
                 )
-            self.positive(f"{k}.chips_per_instance", t.chips_per_instance, "a positive chip count")
-            self.positive(f"{k}.instances", t.instances, "a positive instance count")
+            self.positive(
+                f"{k}.chips_per_instance",
+                t.chips_per_instance,
+                "a positive chip count",
+                most=_MAX_CHIPS,
+            )
+            self.positive(
+                f"{k}.instances", t.instances, "a positive instance count", most=MAX_INSTANCES
+            )
             if t.spec_decode is not None and not (
                 math.isfinite(t.spec_decode) and t.spec_decode >= 1
             ):

@@ -6,9 +6,10 @@ bridges, tests) can read the twin's messages without pulling in the simulation.
 Every message is a frozen, keyword-only msgspec Struct in a tagged union whose tag field is `kind`
 ("status", "meta", "summary", "tier", "chips", "event", "reply"); every command is one in a union
 tagged by `cmd` ("fail", "recover", "drain", "degrade_link", "restore_link", "set_rate", "burst",
-"set_routing", "pause", "resume", "set_speed"). All carry `schema` (1) and `ts_ms` (wall clock,
-milliseconds since the epoch; optional on commands). The payloads are flat JSON objects of numbers
-and strings: "no data" is -1.0, never NaN or null. docs/live-contract.md is the contract.
+"set_routing", "pause", "resume", "set_speed", "run_scenario", "stop_scenario"). All carry
+`schema` (1) and `ts_ms` (wall clock, milliseconds since the epoch; optional on commands). The
+payloads are flat JSON objects of numbers and strings: "no data" is -1.0, never NaN or null.
+docs/live-contract.md is the contract.
 
 Schema evolution (what keeps old consumers working):
 
@@ -60,10 +61,12 @@ __all__ = [
     "Reply",
     "RestoreLink",
     "Resume",
+    "RunScenario",
     "SetRate",
     "SetRouting",
     "SetSpeed",
     "Status",
+    "StopScenario",
     "Summary",
     "Tier",
     "TierMeta",
@@ -163,6 +166,9 @@ class Meta(_Message, tag="meta", frozen=True, kw_only=True):
     tiers: list[TierMeta]
     links: list[LinkMeta]
     units: dict[str, str]
+    #: Scenarios a `run_scenario` command may name: the shipped ones written for this fleet
+    #: (empty when the twin has no scenario runner).
+    scenarios: list[str] = []
 
 
 class LinkStat(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,6 +207,11 @@ class Summary(_Message, tag="summary", frozen=True, kw_only=True):
     policy: str
     dropped_snapshots: int
     links: list[LinkStat]
+    #: The arrival rate set (`set_rate`) before any burst multiplier; -1 for a trace or a
+    #: closed loop, which have no rate. `rate_per_s` is what is offered now, bursts included.
+    base_rate_per_s: float = NO_DATA
+    #: The router's share of each tier (tier name -> weight; `weighted` routing reads them).
+    weights: dict[str, float] = {}
 
 
 class Tier(_Message, tag="tier", frozen=True, kw_only=True):
@@ -223,6 +234,8 @@ class Tier(_Message, tag="tier", frozen=True, kw_only=True):
     ttft_p99_s: float
     tpot_p50_s: float
     tpot_p99_s: float
+    #: The simulated time of this snapshot (-1 from a twin that predates the field).
+    sim_time_s: float = NO_DATA
 
 
 class Chips(_Message, tag="chips", frozen=True, kw_only=True):
@@ -234,6 +247,8 @@ class Chips(_Message, tag="chips", frozen=True, kw_only=True):
     state: list[str]  # "up" | "failed" | "draining"
     utilisation: list[float]
     power_w: list[float]
+    #: The simulated time of this snapshot (-1 from a twin that predates the field).
+    sim_time_s: float = NO_DATA
 
 
 class Event(_Message, tag="event", frozen=True, kw_only=True):
@@ -316,6 +331,16 @@ class SetSpeed(_Command, tag="set_speed", frozen=True, kw_only=True):
     speed: float  # > 0: x real time; 0: as fast as possible
 
 
+class RunScenario(_Command, tag="run_scenario", frozen=True, kw_only=True):
+    """Run a shipped chaos scenario on the live twin (one of `Meta.scenarios`)."""
+
+    name: str
+
+
+class StopScenario(_Command, tag="stop_scenario", frozen=True, kw_only=True):
+    """Stop the running scenario; its rollbacks run."""
+
+
 Command = (
     Fail
     | Recover
@@ -328,6 +353,8 @@ Command = (
     | Pause
     | Resume
     | SetSpeed
+    | RunScenario
+    | StopScenario
 )
 COMMAND_KINDS: tuple[str, ...] = (
     "fail",
@@ -341,6 +368,8 @@ COMMAND_KINDS: tuple[str, ...] = (
     "pause",
     "resume",
     "set_speed",
+    "run_scenario",
+    "stop_scenario",
 )
 
 
@@ -390,6 +419,8 @@ def decode_command(payload: bytes | str) -> Command:
     except msgspec.DecodeError as e:
         why = _one_line(str(e)).removeprefix("JSON is malformed: ")
         raise CommandError(f"payload: not valid JSON ({why})") from None
+    except RecursionError:
+        raise CommandError("payload: nested too deeply") from None
     check_command(cmd)
     return cmd
 
@@ -402,7 +433,7 @@ def peek_envelope(payload: bytes | str) -> Envelope:
         return Envelope()
     try:
         return _ENVELOPE_DECODER.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return Envelope()
 
 
@@ -448,7 +479,7 @@ def _dict_key_path(path: str, payload: bytes | str) -> str:
     """`weights` -> `weights.<the first key whose value is not a number>`."""
     try:
         raw = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return path
     node = raw.get(path) if isinstance(raw, dict) and "." not in path else None
     if isinstance(node, dict):
@@ -509,6 +540,9 @@ def check_command(cmd: Command) -> None:
         for name, w in cmd.weights.items():
             if not (math.isfinite(w) and w >= 0.0):
                 raise CommandError(f"weights.{name}: expected a share >= 0, got {w}")
+    elif isinstance(cmd, RunScenario):
+        if not cmd.name.strip():
+            raise CommandError("name: expected a scenario name, got an empty string")
     elif isinstance(cmd, SetSpeed):
         _finite("speed", cmd.speed)
         if not 0.0 <= cmd.speed <= MAX_SPEED:

@@ -17,6 +17,7 @@ I64 = NDArray[np.int64]
 ARRIVALS = ("poisson", "bursty", "trace", "closed")
 DISTS = ("fixed", "uniform", "lognormal")
 _BLOCK = 512
+MIN_RATE_PER_S = 1e-9  # below this a rate means no arrivals at all
 _EMPTY_F: F64 = np.empty(0)
 _EMPTY_I: I64 = np.empty(0, dtype=np.int64)
 
@@ -136,7 +137,7 @@ class Workload:
             self._cursor_t = float(t[-1])
             return
         peak = self._peak_rate()
-        if peak <= 0:
+        if peak <= MIN_RATE_PER_S:  # no arrivals (a rate this small would overflow the gaps)
             self._cursor_t = np.inf
             return
         gaps = self.rng.exponential(1.0 / peak, size=_BLOCK)
