@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -14,7 +17,9 @@ import pytest
 from twin import core, telemetry
 from twin.build import Twin, new_twin
 from twin.catalog import Catalog, load_catalog
-from twin.engine import READ_ONLY_ERROR, Engine, VirtualClock
+from twin.chaos import scenarios_dir
+from twin.chaos_live import install_scenarios, scenarios_for
+from twin.engine import READ_ONLY_ERROR, Engine, ScenarioOutcome, VirtualClock
 from twin.fleet import Fleet, Slo, load_fleet, resolve_fleet_path
 
 FLEET = "nvidia-groq"
@@ -420,7 +425,11 @@ async def test_read_only_refuses_every_command(
         telemetry.Pause(),
         telemetry.Resume(),
         telemetry.SetSpeed(speed=2.0),
+        telemetry.RunScenario(name="nvidia-groq-lose-prefill"),
+        telemetry.StopScenario(),
     ]
+    install_scenarios(e)
+    assert e.meta.scenarios == ["nvidia-groq-lose-prefill"]
     for cmd in commands:
         reply = await e.command(cmd)
         assert not reply.ok and reply.error == READ_ONLY_ERROR
@@ -654,3 +663,250 @@ def test_composite_tier_meta_counts_host_chips(catalog: Catalog) -> None:
     n = spec.chips_per_instance + spec.kv_host.chips
     assert chips[0].ids[n - 1] == f"{tier.name}/0/{n - 1}"  # kv-host chips after the own ones
     assert np.array_equal(chips[0].instance, np.repeat(np.arange(spec.instances), n))
+
+
+# ------------------------------------------------------------------------------------------------
+# new summary, tier and chips fields
+
+
+async def test_base_rate_weights_and_snapshot_times(
+    make: Callable[..., tuple[Engine, VirtualClock]],
+) -> None:
+    e, _ = make(speed=0.0)
+    base = e.twin.state.workload.rate_per_s
+    await e.run_for(1.0)
+    await e.command(telemetry.Burst(factor=4.0, duration_s=5.0))
+    await e.command(telemetry.SetRouting(policy="weighted", weights={"h100-prefill": 3.0}))
+    snap = e.snapshot_now()
+    (s,) = of(snap, telemetry.Summary)
+    assert s.rate_per_s == pytest.approx(4 * base) and s.base_rate_per_s == base
+    assert s.weights == {"h100-prefill": 3.0, "b200-prefill": 1.0, "groq-decode": 1.0}
+    for m in [*of(snap, telemetry.Tier), *of(snap, telemetry.Chips)]:
+        assert m.sim_time_s == s.sim_time_s == e.sim_time_s
+    sub = e.subscribe(10_000)
+    await e.run_for(6.0)  # the burst ends
+    summaries = of(sub.drain(), telemetry.Summary)
+    assert summaries[-1].rate_per_s == summaries[-1].base_rate_per_s == base
+    assert {m.base_rate_per_s for m in summaries} == {base}
+
+
+# ------------------------------------------------------------------------------------------------
+# scenarios on the live engine (run_scenario / stop_scenario)
+
+
+async def until(cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Let the engine task run (virtual clock: no real sleeping) until `cond()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0)
+
+
+def events_of(msgs: list[telemetry.Message], prefix: str = "") -> list[telemetry.Event]:
+    return [m for m in of(msgs, telemetry.Event) if m.event.startswith(prefix)]
+
+
+async def test_run_scenario_runs_a_shipped_scenario_to_its_verdict(catalog: Catalog) -> None:
+    """The shortest shipped scenario, on its own fleet, at speed 0: every step lands on time, the
+    rate is set and put back, and the verdict is the in-process run's."""
+    galaxy = load_fleet(resolve_fleet_path("tenstorrent-galaxy"), catalog)
+    e = Engine(new_twin(galaxy, catalog, seed=3), speed=0.0, clock=VirtualClock(), catalog=catalog)
+    runner = install_scenarios(e, catalog=catalog)
+    name = "tenstorrent-galaxy-lose-quarter"
+    assert e.meta.scenarios == [name] and e.scenarios == (name,)
+    rate = e.twin.state.workload.rate_per_s
+    sub = e.subscribe(1 << 20)
+    task = asyncio.create_task(e.run())
+    reply = await e.command(telemetry.RunScenario(name=name, id="s1"))
+    assert reply.ok and reply.id == "s1" and name in reply.detail
+    assert e.scenario == name
+    await until(lambda: e.scenario is None, "the scenario to finish")
+    e.stop()
+    await task
+    msgs = sub.drain()
+    kinds = [m.event for m in events_of(msgs, "scenario")]
+    assert kinds[0] == "scenario_started" and kinds[-1] == "scenario_finished"
+    assert kinds.count("scenario_step") == 5  # setup, 2 method actions, 1 rollback, restore
+    finished = events_of(msgs, "scenario_finished")[0]
+    assert finished.target == name and finished.severity == "info"
+    assert finished.detail.startswith("pass: "), finished.detail
+    # the actions went through the normal command path: their own events are there
+    failed = events_of(msgs, "chip_failed")
+    assert [m.target for m in failed] == ["galaxy-unified/2"]
+    assert events_of(msgs, "chip_recovered")
+    journal = runner.journals[name]
+    assert journal["verdict"] == "pass" and journal["mode"] == "live", journal["failures"]
+    method = [a for a in journal["actions"] if a["phase"] == "method"]
+    assert [a["since_method_start_s"] for a in method] == [20.0, 70.0]  # exact at speed 0
+    assert [a["phase"] for a in journal["actions"]] == [
+        "setup",
+        "method",
+        "method",
+        "rollback",
+        "restore",
+    ]
+    assert journal["twin"]["rate_before_per_s"] == rate
+    assert e.twin.state.workload.rate_per_s == rate  # put back
+    assert not e.twin.state.chip_status.any()  # all up again
+
+
+async def _never_ending(engine: Engine, name: str) -> ScenarioOutcome:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def test_run_scenario_refusals_change_nothing(
+    make: Callable[..., tuple[Engine, VirtualClock]],
+) -> None:
+    e, _ = make(speed=0.0)
+    await e.run_for(1.0)
+    before = fingerprint(e)
+    sub = e.subscribe()
+    # no runner installed
+    assert e.meta.scenarios == [] and e.scenarios == ()
+    reply = await e.command(telemetry.RunScenario(name="nvidia-groq-lose-prefill"))
+    assert not reply.ok and reply.error == "run_scenario: this twin has no scenario runner"
+    # nothing to stop
+    reply = await e.command(telemetry.StopScenario())
+    assert not reply.ok and reply.error == "stop_scenario: no scenario is running"
+    # an unknown name
+    e.set_scenario_runner(_never_ending, ["a", "b"])
+    assert e.meta.scenarios == ["a", "b"]
+    reply = await e.command(telemetry.RunScenario(name="c"))
+    assert not reply.ok
+    assert reply.error == "name: unknown scenario 'c' (expected one of: a, b)"
+    assert e.scenario is None
+    assert fingerprint(e) == before
+    assert [m.event for m in events_of(sub.drain())] == ["command_rejected"] * 3
+    # one at a time
+    reply = await e.command(telemetry.RunScenario(name="a"))
+    assert reply.ok and e.scenario == "a"
+    await asyncio.sleep(0)  # the runner starts (and waits for ever)
+    reply = await e.command(telemetry.RunScenario(name="b"))
+    assert not reply.ok and reply.error.startswith("run_scenario: scenario 'a' is running")
+    assert e.scenario == "a"
+    # a runner that ignores the stop is cancelled all the same: "aborted"
+    reply = await e.command(telemetry.StopScenario())
+    assert reply.ok and reply.detail == "stopping scenario a: its rollbacks run"
+    await until(lambda: e.scenario is None, "the scenario to end")
+    finished = events_of(sub.drain(), "scenario_finished")
+    assert [m.detail for m in finished] == ["aborted: cancelled before it could roll back"]
+    assert fingerprint(e) == before
+
+    # a runner that raises ends its scenario, not the twin
+    async def broken(engine: Engine, name: str) -> ScenarioOutcome:
+        raise RuntimeError("boom")
+
+    e.set_scenario_runner(broken, ["a"])
+    assert (await e.command(telemetry.RunScenario(name="a"))).ok
+    await until(lambda: e.scenario is None, "the broken scenario to end")
+    finished = events_of(sub.drain(), "scenario_finished")
+    assert [m.detail for m in finished] == ["aborted: the scenario runner failed: boom"]
+
+
+async def test_stop_before_the_task_starts(
+    make: Callable[..., tuple[Engine, VirtualClock]],
+) -> None:
+    e, _ = make(speed=0.0, scenario_runner=_never_ending, scenarios=["a"])
+    sub = e.subscribe()
+    assert e.meta.scenarios == ["a"]
+    assert (await e.command(telemetry.RunScenario(name="a"))).ok
+    assert (await e.command(telemetry.StopScenario())).ok  # the same tick: it never ran
+    await until(lambda: e.scenario is None, "the scenario to end")
+    assert [m.event for m in events_of(sub.drain(), "scenario")] == [
+        "scenario_started",
+        "scenario_stopping",
+        "scenario_finished",
+    ]
+
+
+STOPPABLE = """
+title = "lose a prefill node for a long time"
+fleet = "nvidia-groq"
+seed = 1
+warmup_s = 2
+duration_s = 300
+rate_per_s = 12
+
+[[method]]
+name = "lose"
+at_s = 1
+action = "fail"
+selector = { instance = "h100-prefill/0" }
+
+[[method]]
+name = "worse"
+at_s = 200
+action = "degrade_link"
+link = "h100-prefill->groq-decode"
+factor = 0.5
+
+[[rollbacks]]
+action = "recover"
+selector = { tier = "h100-prefill" }
+
+[[rollbacks]]
+action = "restore_link"
+link = "h100-prefill->groq-decode"
+"""
+
+
+@pytest.mark.parametrize("how", ["stop_scenario", "shutdown"])
+async def test_stop_scenario_rolls_back(
+    make: Callable[..., tuple[Engine, VirtualClock]], tmp_path: Path, how: str
+) -> None:
+    path = tmp_path / "stoppable.toml"
+    path.write_text(STOPPABLE)
+    e, _ = make(speed=0.0)
+    rate = e.twin.state.workload.rate_per_s
+    runner = install_scenarios(e, paths=[path], journal_dir=tmp_path / "journals")
+    assert e.meta.scenarios == ["stoppable"]
+    sub = e.subscribe(1 << 20)
+    task = asyncio.create_task(e.run())
+    assert (await e.command(telemetry.RunScenario(name="stoppable"))).ok
+    state = e.twin.state
+    await until(lambda: bool(state.chip_status.any()), "the failure")
+    assert state.workload.rate_per_s == 12.0
+    if how == "stop_scenario":
+        reply = await e.command(telemetry.StopScenario())
+        assert reply.ok
+        assert (await e.command(telemetry.StopScenario())).detail.endswith("already stopping")
+        await until(lambda: e.scenario is None, "the scenario to stop")
+        e.stop()
+        await task
+    else:  # the twin shuts down (serve, the console): stopped engine, rollbacks at once
+        e.stop()
+        await task
+        await e.close_scenario()
+        assert e.scenario is None
+    assert not state.chip_status.any()  # rolled back
+    assert state.link_factor.tolist() == [1.0, 1.0]
+    assert state.workload.rate_per_s == rate  # put back
+    finished = events_of(sub.drain(), "scenario_finished")
+    assert len(finished) == 1 and finished[0].detail.startswith("aborted: ")
+    assert "; 2 rollbacks run" in finished[0].detail
+    journal = runner.journals["stoppable"]
+    assert journal["verdict"] == "aborted"
+    phases = [a["phase"] for a in journal["actions"]]
+    assert phases == ["setup", "method", "rollback", "rollback", "restore"]  # "worse" never ran
+    reason = "stopped by the operator" if how == "stop_scenario" else "the twin is stopping"
+    assert reason in journal["failures"][0]
+    (written,) = (tmp_path / "journals").glob("stoppable-*.json")
+    assert json.loads(written.read_text())["verdict"] == "aborted"
+    assert str(written) in finished[0].detail
+
+
+def test_scenarios_offered_are_the_fleets_own(catalog: Catalog, tmp_path: Path) -> None:
+    groq = scenarios_for("nvidia-groq", catalog=catalog)
+    assert list(groq) == ["nvidia-groq-lose-prefill"]
+    assert list(scenarios_for("all-vendors", catalog=catalog)) == [
+        "all-vendors-lose-vendor",
+        "all-vendors-route-away",
+    ]
+    assert scenarios_for("no-such-fleet", catalog=catalog) == {}
+    # comparisons and broken files are left out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(STOPPABLE.replace('action = "fail"', 'action = "explode"'))
+    compare = scenarios_dir() / "compare-distserve-tpot-slo.toml"
+    assert scenarios_for("nvidia-groq", catalog=catalog, paths=[bad, compare]) == {}

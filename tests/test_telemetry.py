@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -153,6 +154,8 @@ COMMANDS: dict[str, telemetry.Command] = {
     "pause": telemetry.Pause(id="op-9", reply_to="fleet-twin/v1/nvidia-groq/reply/console-1"),
     "resume": telemetry.Resume(id="op-10"),
     "set_speed": telemetry.SetSpeed(id="op-11", speed=10.0),
+    "run_scenario": telemetry.RunScenario(id="op-12", name="nvidia-groq-lose-prefill"),
+    "stop_scenario": telemetry.StopScenario(id="op-13"),
 }
 
 
@@ -214,6 +217,55 @@ def test_unknown_fields_are_ignored() -> None:
     data = json.loads(telemetry.encode(MESSAGES["status"]))
     data["added_in_v1_1"] = {"x": 1}
     assert telemetry.decode_message(json.dumps(data).encode()) == MESSAGES["status"]
+
+
+# Fields added to v1 after the first samples were committed: (kind, field, default, a value).
+ADDED_FIELDS = [
+    ("meta", "scenarios", [], ["nvidia-groq-lose-prefill"]),
+    ("summary", "base_rate_per_s", -1.0, 16.0),
+    ("summary", "weights", {}, {"h100-prefill": 2.0, "b200-prefill": 1.0, "groq-decode": 1.0}),
+    ("tier", "sim_time_s", -1.0, 20.0),
+    ("chips", "sim_time_s", -1.0, 20.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "default", "value"), ADDED_FIELDS, ids=lambda x: str(x)[:20]
+)
+def test_added_fields_round_trip_and_default(
+    kind: str, field: str, default: Any, value: Any
+) -> None:
+    """A field added to v1 comes last, has a default, round-trips, and is absent from the older
+    committed sample, which still decodes (to the default)."""
+    msg = MESSAGES[kind]
+    fields = msgspec.structs.fields(type(msg))
+    names = [f.name for f in fields]
+    added = [f for k, f, _d, _v in ADDED_FIELDS if k == kind]
+    assert names[-len(added) :] == added  # appended, in order
+    assert getattr(msg, field) == default
+    new = msgspec.structs.replace(msg, **{field: value})
+    data = telemetry.encode(new)
+    assert json.loads(data)[field] == value
+    assert telemetry.decode_message(data) == new
+    old = json.loads(_sample_path(f"message-{kind}").read_bytes())
+    assert field not in old  # the sample predates the field
+    decoded = telemetry.decode_message(json.dumps(old).encode())
+    assert getattr(decoded, field) == default
+
+
+def test_a_v1_consumer_reads_a_newer_summary() -> None:
+    """An old consumer's decoder (v1 fields only) ignores the added fields."""
+
+    class OldSummary(msgspec.Struct, kw_only=True):
+        kind: str
+        sim_time_s: float
+        rate_per_s: float
+
+    full = msgspec.structs.replace(
+        MESSAGES["summary"], base_rate_per_s=16.0, weights={"groq-decode": 1.0}
+    )
+    old = msgspec.json.decode(telemetry.encode(full), type=OldSummary)
+    assert (old.kind, old.sim_time_s, old.rate_per_s) == ("summary", 20.0, 20.0)
 
 
 def test_structs_are_frozen() -> None:
@@ -312,6 +364,9 @@ def _error(payload: bytes | str) -> str:
         (b'{"cmd":"set_speed","speed":-2}', "speed: ", "got -2"),
         (b'{"cmd":"set_speed","speed":"fast"}', "speed: ", "expected a number"),
         (b'{"cmd":"pause","id":5}', "id: ", "expected a string"),
+        (b'{"cmd":"run_scenario"}', "name: ", "missing required field"),
+        (b'{"cmd":"run_scenario","name":" "}', "name: ", "empty string"),
+        (b'{"cmd":"run_scenario","name":7}', "name: ", "expected a string"),
     ],
 )
 def test_bad_payload_is_one_line_naming_the_field(

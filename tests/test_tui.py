@@ -20,6 +20,7 @@ import pytest_textual_snapshot
 from rich.text import Text
 from textual.command import CommandPalette
 from textual.pilot import Pilot
+from textual.widgets import Input
 
 from tui.actions import ACTIONS, OPERATOR_ACTIONS, RATE_STEP
 from tui.app import FleetApp
@@ -38,6 +39,7 @@ from tui.widgets.tier_table import TierTable
 from twin import telemetry
 from twin.build import new_twin
 from twin.catalog import load_catalog
+from twin.chaos_live import install_scenarios
 from twin.engine import Engine, VirtualClock
 from twin.fleet import load_fleet, resolve_fleet_path
 
@@ -490,11 +492,102 @@ async def test_palette_ui_fails_a_chip_and_sets_routing() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# chaos scenarios from the palette
+
+
+async def test_palette_runs_a_shipped_scenario() -> None:
+    """Ctrl+P, "run scenario", Enter, then space: the embedded twin, resumed at "as fast as
+    possible", runs the fleet's scenario; the event log shows it start, step and finish with its
+    verdict. (Paused while typing: a busy twin makes every Pilot key press wait for idle.)"""
+    engine = new_engine("tenstorrent-galaxy", speed=0.0)
+    install_scenarios(engine, catalog=CATALOG)
+    name = "tenstorrent-galaxy-lose-quarter"
+    await engine.command(telemetry.Pause())
+    link = LocalLink(engine)
+    async with console(link) as (app, pilot):
+        provider = FleetCommands(app.screen)
+        titles = [n for n, _, _ in provider.entries(everything=False)]
+        assert f"Run scenario: {name}" in titles and "Stop scenario" in titles
+        await pilot.press("ctrl+p")
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette), "the palette")
+        await pilot.press(*"run scenario")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await commands_done(app)
+        await until(
+            pilot, lambda: "scenario_started" in [e.kind for e in app.store.log], "the start"
+        )
+        reply = next(e for e in app.store.log if e.kind == "reply")
+        assert reply.severity == "ok" and reply.target == f"scenario {name}"
+        assert engine.scenario == name and engine.paused  # it waits for the twin to move
+        await pilot.press("space")  # resume
+        await until(
+            pilot,
+            lambda: "scenario_finished" in [e.kind for e in app.store.log],
+            "the verdict",
+            timeout=60.0,
+        )
+        finished = next(e for e in app.store.log if e.kind == "scenario_finished")
+        assert finished.target == name and finished.text.startswith("pass: "), finished.text
+        kinds = [e.kind for e in app.store.log]
+        assert "scenario_step" in kinds and "chip_failed" in kinds
+        shown = text_of(app.main.query_one(EventLog))
+        assert "scenario_started" in shown and "scenario_finish" in shown  # (kind truncated)
+        # nothing is running now: "Stop scenario" gets the twin's error
+        app.main.stop_scenario()
+        await commands_done(app)
+        await until(pilot, lambda: app.store.log[-1].kind == "reply", "the reply")
+        assert "no scenario is running" in app.store.log[-1].text
+
+
+async def test_no_scenarios_no_run_entries() -> None:
+    """A twin without a runner (or none for its fleet) offers no "Run scenario" entry."""
+    link = await warm_link()
+    async with console(link) as (app, _pilot):
+        titles = [n for n, _, _ in FleetCommands(app.screen).entries(everything=True)]
+        assert not [t for t in titles if t.startswith("Run scenario")]
+
+
+async def test_rate_keys_step_the_base_rate_during_a_burst() -> None:
+    link = await warm_link()
+    engine = link.engine
+    base = engine.twin.state.workload.rate_per_s
+    await engine.command(telemetry.Burst(factor=5.0, duration_s=30.0))
+    async with console(link) as (app, pilot):
+        assert app.store.summary is not None
+        assert app.store.summary.rate_per_s == pytest.approx(5 * base)
+        assert app.store.summary.base_rate_per_s == base
+        await pilot.press("plus")
+        await commands_done(app)
+        assert engine.twin.state.workload.rate_per_s == pytest.approx(round(base * RATE_STEP, 2))
+        await until(pilot, lambda: app.store.summary.base_rate_per_s != base, "the new rate")
+        await pilot.press("minus")
+        await commands_done(app)
+        assert engine.twin.state.workload.rate_per_s == pytest.approx(
+            round(round(base * RATE_STEP, 2) / RATE_STEP, 2)
+        )
+
+
+async def test_weights_dialog_shows_the_current_weights() -> None:
+    link = await warm_link()
+    await link.engine.command(
+        telemetry.SetRouting(policy="weighted", weights={"b200-prefill": 3.0})
+    )
+    async with console(link) as (app, pilot):
+        await pilot.press("w")
+        await until(pilot, lambda: isinstance(app.screen, WeightsScreen), "the dialog")
+        hints = [i.placeholder for i in app.screen.query("Input").results(Input)]
+        assert hints == ["keep (1)", "keep (3)", "keep (1)"]
+        await pilot.press("escape")
+
+
+# ------------------------------------------------------------------------------------------------
 # read-only and help
 
 
 async def test_read_only_hides_and_refuses_everything() -> None:
     link = await warm_link()
+    install_scenarios(link.engine, catalog=CATALOG)  # offered by the twin, hidden by the console
     async with console(link, read_only=True) as (app, pilot):
         before = truth(link.engine)
         shown = {b.binding.action for b in app.screen.active_bindings.values()}
@@ -504,7 +597,8 @@ async def test_read_only_hides_and_refuses_everything() -> None:
         titles = {n for n, _, _ in provider.entries(everything=True)}
         assert not titles & {s.title for s in ACTIONS if s.changes_twin}
         assert not any(
-            t.startswith(("Degrade", "Fail", "Routing", "Speed", "Rate")) for t in titles
+            t.startswith(("Degrade", "Fail", "Routing", "Speed", "Rate", "Run scenario", "Stop"))
+            for t in titles
         )
         for spec in ACTIONS:
             if spec.changes_twin:
@@ -512,9 +606,11 @@ async def test_read_only_hides_and_refuses_everything() -> None:
                 await pilot.pause()
                 assert isinstance(app.screen, MainScreen), spec.action  # no dialog opened
         app.main.send_cmd(telemetry.Pause(), "pause")  # even a direct call is refused
+        app.main.run_scenario("nvidia-groq-lose-prefill")
+        app.main.stop_scenario()
         await commands_done(app)
         refused = [e for e in app.store.log if e.kind == "read-only"]
-        assert len(refused) == len(OPERATOR_ACTIONS) + 1
+        assert len(refused) == len(OPERATOR_ACTIONS) + 3
         assert "read-only" in text_of(app.main.query_one(EventLog))
         after = truth(link.engine)
         assert after["chips"] == before["chips"]

@@ -16,11 +16,13 @@ from test_tui import commands_done, new_engine, ready, text_of, truth, until
 from textual.pilot import Pilot
 
 from tui.app import FleetApp
+from tui.commands import FleetCommands
 from tui.link_mqtt import MqttLink
 from tui.widgets.chip_map import ChipMap
 from tui.widgets.header import FleetHeader
 from tui.widgets.tier_table import TierTable
 from twin import telemetry
+from twin.chaos_live import install_scenarios
 from twin.engine import Engine
 from twin.mqtt import MqttBridge
 
@@ -28,8 +30,12 @@ SIZE = (160, 48)
 
 
 @contextlib.asynccontextmanager
-async def headless_twin(broker: Broker) -> AsyncIterator[tuple[Engine, MqttBridge]]:
+async def headless_twin(
+    broker: Broker, *, scenarios: bool = False
+) -> AsyncIterator[tuple[Engine, MqttBridge]]:
     engine = new_engine(speed=1.0)
+    if scenarios:  # as `fleet-twin serve` does
+        install_scenarios(engine)
     bridge = MqttBridge(engine, broker.url)
     tasks = [asyncio.create_task(engine.run()), asyncio.create_task(bridge.run())]
     try:
@@ -97,6 +103,47 @@ async def test_console_fails_a_chip_over_mqtt(broker: Broker) -> None:
         await commands_done(app)
         errors = [e for e in app.store.log if e.kind == "reply" and e.severity == "error"]
         assert errors and "unknown chip or instance" in errors[0].text
+
+
+async def test_console_runs_and_stops_a_scenario_over_mqtt(broker: Broker) -> None:
+    """The twin's scenarios come with its retained meta; run_scenario and stop_scenario go over
+    the broker and their events come back."""
+    name = "nvidia-groq-lose-prefill"
+    async with (
+        headless_twin(broker, scenarios=True) as (engine, _bridge),
+        remote_console(broker, engine.fleet) as (app, pilot, _link),
+    ):
+        assert app.store.meta is not None and app.store.meta.scenarios == [name]
+        titles = [n for n, _, _ in FleetCommands(app.screen).entries(everything=False)]
+        assert f"Run scenario: {name}" in titles and "Stop scenario" in titles
+        rate = engine.twin.state.workload.rate_per_s
+        app.main.run_scenario(name)
+        await commands_done(app)
+        assert [e.severity for e in app.store.log if e.kind == "reply"] == ["ok"]
+        await until(
+            pilot,
+            lambda: any(e.kind == "scenario_started" for e in app.store.log),
+            "scenario_started over MQTT",
+            timeout=10,
+        )
+        await until(
+            pilot,
+            lambda: engine.twin.state.workload.rate_per_s == 60.0,
+            "the scenario's rate (its warm-up runs at 1x)",
+            timeout=10,
+        )
+        app.main.stop_scenario()
+        await commands_done(app)
+        await until(
+            pilot,
+            lambda: any(e.kind == "scenario_finished" for e in app.store.log),
+            "scenario_finished over MQTT",
+            timeout=10,
+        )
+        finished = next(e for e in app.store.log if e.kind == "scenario_finished")
+        assert finished.text.startswith("aborted: stopped by the operator"), finished.text
+        assert engine.twin.state.workload.rate_per_s == rate  # put back
+        assert engine.scenario is None
 
 
 async def test_broker_loss_marks_stale_then_recovers(broker: Broker) -> None:

@@ -145,7 +145,7 @@ class FleetApp(App[None]):
         view = [(s.key_display, s.help) for s in ACTIONS if not s.changes_twin]
         view += [
             ("?", "This help"),
-            ("ctrl+p", "Command palette: every action, searchable"),
+            ("ctrl+p", "Command palette: every action and the twin's chaos scenarios, searchable"),
             ("tab / shift+tab", "Focus the next / previous panel"),
             ("mouse", "Click a chip to select it; wheel scrolls a panel"),
             ("q", "Quit"),

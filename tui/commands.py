@@ -1,6 +1,7 @@
-"""The command palette (Ctrl+P): every action of the console, and, when searching, the same
-actions with their argument already chosen (a link, a policy, a speed, an instance). In read-only
-mode only the actions that change nothing are offered."""
+"""The command palette (Ctrl+P): every action of the console, the twin's chaos scenarios ("Run
+scenario: <name>" for each of `meta.scenarios`, and "Stop scenario"), and, when searching, the
+same actions with their argument already chosen (a link, a policy, a speed, an instance). In
+read-only mode only the actions that change nothing are offered."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ class FleetCommands(Provider):
                     partial(app.run_action, spec.action, main),
                 )
             )
+        meta = app.store.meta
+        if not app.read_only and meta is not None:
+            for name in meta.scenarios:
+                out.append(
+                    (
+                        f"Run scenario: {name}",
+                        "a shipped chaos scenario on this twin, at its pace; its steps and "
+                        "verdict go to the event log",
+                        partial(main.run_scenario, name),
+                    )
+                )
+            out.append(
+                (
+                    "Stop scenario",
+                    "stop the running chaos scenario; its rollbacks run",
+                    main.stop_scenario,
+                )
+            )
         out.append(("Help: keys", "Every key of the console  [?]", app.action_help))
         out.append(
             (
@@ -53,7 +72,6 @@ class FleetCommands(Provider):
         )
         if app.read_only or not everything:
             return out
-        meta = app.store.meta
         if meta is not None:
             for lm in meta.links:
                 for f in DEGRADE_FACTORS:

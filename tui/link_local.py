@@ -74,6 +74,9 @@ class LocalLink(TwinLink):
                     await task
             except Exception:  # the engine's own failure: already shown as the link's detail
                 pass
+        # A scenario still running rolls back (at once: the engine has stopped).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.engine.close_scenario(), _STOP_TIMEOUT_S)
         self._sub.close()
 
     async def messages(self) -> AsyncIterator[telemetry.Message]:

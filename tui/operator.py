@@ -167,11 +167,13 @@ class OperatorActions:
 
     # -- load --------------------------------------------------------------------------------
     def _rate(self) -> float | None:
+        """The arrival rate set on the twin, before any burst (a burst ends by itself: + and -
+        step the rate it returns to). A twin older than `base_rate_per_s` sends -1 for it."""
         s = self.fleet_app.store.summary
         if s is None:
             self._note("no figures from the twin yet: its arrival rate is unknown")
             return None
-        return s.rate_per_s
+        return s.base_rate_per_s if s.base_rate_per_s >= 0 else s.rate_per_s
 
     def set_rate(self, rate: float) -> None:
         self._send(telemetry.SetRate(rate_per_s=rate), f"rate {rate:g}/s")
@@ -241,7 +243,18 @@ class OperatorActions:
                     f"routing weighted ({shown})",
                 )
 
-        self.fleet_app.push_screen(WeightsScreen([t.name for t in meta.tiers]), done)
+        s = self.fleet_app.store.summary
+        current = dict(s.weights) if s is not None else {}
+        self.fleet_app.push_screen(WeightsScreen([t.name for t in meta.tiers], current), done)
+
+    # -- scenarios ---------------------------------------------------------------------------
+    def run_scenario(self, name: str) -> None:
+        """Run one of the twin's scenarios (`meta.scenarios`); its events go to the log."""
+        self._send(telemetry.RunScenario(name=name), f"scenario {name}")
+
+    def stop_scenario(self) -> None:
+        """Stop the running scenario; the twin runs its rollbacks."""
+        self._send(telemetry.StopScenario(), "stop scenario")
 
     # -- clock -------------------------------------------------------------------------------
     def action_toggle_pause(self) -> None:

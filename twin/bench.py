@@ -160,16 +160,24 @@ def run_all(quick: bool = False, broker: str | None = None) -> dict[str, Any]:
         from twin.bench_live import run_b3
 
         out["b3"] = run_b3(catalog, broker, duration_s=20.0 if quick else 120.0)
+    try:
+        from twin.bench_console import run_b4
+    except ImportError as e:  # the console is an optional part of an install
+        out["b4"] = {"skipped": f"console not importable: {e}"}
+    else:
+        out["b4"] = run_b4(catalog, duration_s=15.0 if quick else 60.0)
     return out
 
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"fleet-twin bench  {result['date']}  {result['machine']}  median of {result['runs']}")
-    for group in ("b1", "b2", "b3"):
+    for group in ("b1", "b2", "b3", "b4"):
         if group not in result:
             continue
         for key, v in result[group].items():
-            if isinstance(v, dict):
+            if isinstance(v, str):
+                print(f"  {key:<28} {v}")
+            elif isinstance(v, dict):
                 print(
                     f"  {key:<28} {v['median']:>12.3f}   (min {v['min']:.3f}, max {v['max']:.3f})"
                 )

@@ -12,9 +12,10 @@ keys and names (tiers, vendors, systems, instances, chips, links, action names) 
 `ConfigError` line, `<file>: <key.path>: <what was expected>`, listing the valid names.
 
 The runner drives a `Driver`: in-process (an `Engine` on a `VirtualClock` at speed 0, as fast as
-the machine allows; deterministic) or a live twin over MQTT (`twin.chaos_mqtt`, at the twin's own
-pace). Both feed the same `Observer` with telemetry messages, so a scenario means the same thing
-in either mode. The journal is plain JSON; everything that depends on the wall clock is under its
+the machine allows; deterministic), a live twin over MQTT (`twin.chaos_mqtt`, at the twin's own
+pace) or the live engine of this process (`twin.chaos_live`: the `run_scenario` command). All
+feed the same `Observer` with telemetry messages, so a scenario means the same thing in every
+mode. The journal is plain JSON; everything that depends on the wall clock is under its
 `wall` key, so the same scenario with the same seed gives the same journal without it.
 """
 
@@ -54,11 +55,14 @@ __all__ = [
     "Scenario",
     "exit_status",
     "load_plan",
+    "rate_restore_steps",
+    "rate_setup_steps",
     "resolve_scenario_path",
     "run_compare",
     "run_plan",
     "run_plan_async",
     "shipped_scenarios",
+    "tier_mismatch",
 ]
 
 JOURNAL_VERSION = 1
@@ -86,7 +90,16 @@ TIER_METRICS: tuple[str, ...] = _numeric_fields(telemetry.Tier)
 LINK_METRICS: tuple[str, ...] = _numeric_fields(telemetry.LinkStat)
 #: Fields that are -1.0 when there is no data (no request finished in the window, a trace).
 NO_DATA_METRICS = frozenset(
-    {"ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "goodput_fraction", "rate_per_s"}
+    {
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "tpot_p50_s",
+        "tpot_p99_s",
+        "goodput_fraction",
+        "rate_per_s",
+        "base_rate_per_s",
+        "sim_time_s",  # a tier message from a twin older than the field
+    }
 )
 #: What a comparison measures per run, over the measured period (after the warm-up).
 COMPARE_METRICS: tuple[str, ...] = (
@@ -1507,7 +1520,54 @@ class Driver(Protocol):
 
     def restore_steps(self) -> list[Step]: ...
 
+    def step_applied(self, entry: dict[str, Any]) -> None:
+        """A step (its journal entry) was applied: a live twin may announce it."""
+
     def info(self) -> dict[str, Any]: ...
+
+
+def rate_setup_steps(plan: Plan) -> list[Step]:
+    """On a live twin (which has its own rate): set the scenario's `rate_per_s`, if it has one."""
+    if plan.rate_per_s is None:
+        return []
+    return [
+        Step(
+            phase="setup",
+            key="rate_per_s",
+            name="scenario-rate",
+            action="set_rate",
+            at_s=None,
+            commands=(telemetry.SetRate(rate_per_s=plan.rate_per_s),),
+        )
+    ]
+
+
+def rate_restore_steps(plan: Plan, old_rate: float | None) -> list[Step]:
+    """On a live twin: put back the rate it had before `rate_setup_steps` (when known)."""
+    if plan.rate_per_s is None or old_rate is None or old_rate < 0:
+        return []
+    return [
+        Step(
+            phase="restore",
+            key="rate_per_s",
+            name="restore-rate",
+            action="set_rate",
+            at_s=None,
+            commands=(telemetry.SetRate(rate_per_s=old_rate),),
+        )
+    ]
+
+
+def tier_mismatch(plan: Plan, meta: telemetry.Meta) -> str | None:
+    """Why a live twin (its meta) is not the scenario's fleet, or None when its tiers match."""
+    want = [t.name for t in plan.fleet.tiers]
+    got = [t.name for t in meta.tiers]
+    if want == got:
+        return None
+    return (
+        f"the twin of fleet {meta.fleet!r} has tiers {', '.join(got)}; "
+        f"the scenario's fleet file has {', '.join(want)}"
+    )
 
 
 class InProcessDriver:
@@ -1568,6 +1628,9 @@ class InProcessDriver:
     def restore_steps(self) -> list[Step]:
         return []
 
+    def step_applied(self, entry: dict[str, Any]) -> None:
+        return None
+
     def info(self) -> dict[str, Any]:
         return {}
 
@@ -1619,7 +1682,7 @@ async def _apply(
     t = applied_at if applied_at is not None else driver.now
     if step.phase == "method":
         obs.action_applied(step.name, t)
-    return {
+    entry = {
         "phase": step.phase,
         "key": step.key,
         "name": step.name,
@@ -1631,6 +1694,8 @@ async def _apply(
         "ok": all(r["reply"]["ok"] for r in replies),
         "commands": replies,
     }
+    driver.step_applied(entry)
+    return entry
 
 
 class ChaosAborted(Exception):

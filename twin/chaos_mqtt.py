@@ -30,7 +30,15 @@ import msgspec
 
 from twin import telemetry
 from twin.catalog import ConfigError
-from twin.chaos import ChaosAborted, Observer, Plan, Step
+from twin.chaos import (
+    ChaosAborted,
+    Observer,
+    Plan,
+    Step,
+    rate_restore_steps,
+    rate_setup_steps,
+    tier_mismatch,
+)
 from twin.mqtt import BrokerConfig
 
 __all__ = ["MqttDriver"]
@@ -125,14 +133,10 @@ class MqttDriver:
             ) from None
         meta = self._meta
         assert meta is not None
-        want = [t.name for t in self.plan.fleet.tiers]
-        got = [t.name for t in meta.tiers]
-        if want != got:
+        mismatch = tier_mismatch(self.plan, meta)
+        if mismatch is not None:
             await self.close()
-            raise ConfigError(
-                f"--broker {url}: the twin of fleet {self.fleet!r} has tiers {', '.join(got)}; "
-                f"the scenario's fleet file has {', '.join(want)}"
-            )
+            raise ConfigError(f"--broker {url}: {mismatch}")
         # the first summary gives the twin's simulated time
         self._moved_at = time.monotonic()
         while self._now == -math.inf:
@@ -200,8 +204,10 @@ class MqttDriver:
             except TimeoutError:
                 continue
             if isinstance(msg, telemetry.Summary):
-                if self._old_rate is None and msg.rate_per_s >= 0:
-                    self._old_rate = msg.rate_per_s  # the rate to put back at the end
+                if self._old_rate is None:  # the rate to put back at the end (not a burst's)
+                    rate = msg.base_rate_per_s if msg.base_rate_per_s >= 0 else msg.rate_per_s
+                    if rate >= 0:
+                        self._old_rate = rate
                 if msg.sim_time_s > self._now:
                     self._now = msg.sim_time_s
                     self._moved_at = time.monotonic()
@@ -251,32 +257,15 @@ class MqttDriver:
 
     # -- setup and restore ----------------------------------------------------------------------
     def setup_steps(self) -> list[Step]:
-        if self.plan.rate_per_s is None:
-            return []
-        return [
-            Step(
-                phase="setup",
-                key="rate_per_s",
-                name="scenario-rate",
-                action="set_rate",
-                at_s=None,
-                commands=(telemetry.SetRate(rate_per_s=self.plan.rate_per_s),),
-            )
-        ]
+        return rate_setup_steps(self.plan)
 
     def restore_steps(self) -> list[Step]:
-        if self.plan.rate_per_s is None or self._client is None or self._old_rate is None:
+        if self._client is None:
             return []
-        return [
-            Step(
-                phase="restore",
-                key="rate_per_s",
-                name="restore-rate",
-                action="set_rate",
-                at_s=None,
-                commands=(telemetry.SetRate(rate_per_s=self._old_rate),),
-            )
-        ]
+        return rate_restore_steps(self.plan, self._old_rate)
+
+    def step_applied(self, entry: dict[str, Any]) -> None:
+        return None
 
     def info(self) -> dict[str, Any]:
         meta = self._meta

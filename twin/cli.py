@@ -193,6 +193,9 @@ def _cmd_main(argv: Sequence[str]) -> int:
     fleet = load_fleet(resolve_fleet_path(a.fleet), catalog)
     twin = new_twin(fleet, catalog, seed=a.seed, rate_per_s=a.rate)
     engine = Engine(twin, speed=a.speed, read_only=a.read_only, catalog=catalog)
+    from twin.chaos_live import install_scenarios
+
+    install_scenarios(engine, catalog=catalog)  # "Run scenario: ..." in the palette
 
     from tui.app import run_console
     from tui.link_local import LocalLink

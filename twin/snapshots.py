@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +69,9 @@ def _figure_meta(f: Figure) -> telemetry.FigureMeta:
     return telemetry.FigureMeta(value=float(f.value), provenance=f.provenance, source=f.source)
 
 
-def build_meta(twin: Twin, catalog: Catalog, *, run_id: str, ts_ms: int) -> telemetry.Meta:
+def build_meta(
+    twin: Twin, catalog: Catalog, *, run_id: str, ts_ms: int, scenarios: Sequence[str] = ()
+) -> telemetry.Meta:
     fleet, layout = twin.fleet, twin.layout
     tiers: list[telemetry.TierMeta] = []
     for t in fleet.tiers:
@@ -117,6 +120,7 @@ def build_meta(twin: Twin, catalog: Catalog, *, run_id: str, ts_ms: int) -> tele
         tiers=tiers,
         links=links,
         units=dict(UNITS),
+        scenarios=list(scenarios),
     )
 
 
@@ -307,6 +311,11 @@ class SnapshotBuilder:
             policy=core.POLICIES[state.policy],
             dropped_snapshots=dropped,
             links=links,
+            base_rate_per_s=base_rate(state),
+            weights={
+                name: float(w)
+                for name, w in zip(tw.layout.tier_names, state.tier_weight.tolist(), strict=True)
+            },
         )
 
     def latency(self, tier: int | None = None) -> dict[str, float]:
@@ -362,6 +371,7 @@ class SnapshotBuilder:
                     ttft_p99_s=num(lat["ttft_p99_s"]),
                     tpot_p50_s=num(lat["tpot_p50_s"]),
                     tpot_p99_s=num(lat["tpot_p99_s"]),
+                    sim_time_s=float(state.t),
                 )
             )
         return msgs
@@ -386,9 +396,19 @@ class SnapshotBuilder:
                     state=self._chip_states[status[sel]].tolist(),
                     utilisation=util[sel].tolist(),
                     power_w=power[sel].tolist(),
+                    sim_time_s=float(state.t),
                 )
             )
         return msgs
+
+
+def base_rate(state: core.State) -> float:
+    """The arrival rate the workload is set to, before any burst multiplier (periodic bursts
+    of a bursty workload and `burst` commands); NO_DATA for a trace or a closed loop."""
+    w = state.workload
+    if w.spec.arrivals in ("trace", "closed"):
+        return telemetry.NO_DATA
+    return float(w.rate_per_s)
 
 
 def offered_rate(state: core.State) -> float:

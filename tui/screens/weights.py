@@ -1,4 +1,5 @@
-"""Weighted routing: one share per tier (blank keeps the tier's current share)."""
+"""Weighted routing: one share per tier (blank keeps the tier's current share, which the field
+shows when the twin sends it)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ class WeightsScreen(ModalScreen[dict[str, float] | None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, tiers: list[str]) -> None:
+    def __init__(self, tiers: list[str], current: dict[str, float] | None = None) -> None:
         super().__init__()
         self.tiers = tiers
+        #: The router's weights now (`Summary.weights`; empty from an older twin).
+        self.current = current or {}
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -31,7 +34,9 @@ class WeightsScreen(ModalScreen[dict[str, float] | None]):
                 for i, name in enumerate(self.tiers):
                     with Horizontal(classes="weight"):
                         yield Label(name)
-                        yield Input(placeholder="keep", id=f"w{i}", type="number")
+                        now = self.current.get(name)
+                        hint = "keep" if now is None else f"keep ({now:g})"
+                        yield Input(placeholder=hint, id=f"w{i}", type="number")
             yield Static("Tab next · Enter apply · Esc cancel", classes="hint", id="why")
 
     def on_mount(self) -> None:
