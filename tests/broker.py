@@ -55,7 +55,8 @@ class Broker:
     """One Mosquitto process on 127.0.0.1:<port>.
 
     `password_file` / `acl_file`: when given, anonymous clients are refused and the ACL applies
-    (the layout of deploy/mosquitto/). The log goes to `<dir>/mosquitto.log`.
+    (the layout of deploy/mosquitto/). The log goes to `<dir>/mosquitto.log`. `config`: the
+    whole config file instead (it must listen on `port`; `tls` then only sets the URL scheme).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class Broker:
         password_file: Path | None = None,
         acl_file: Path | None = None,
         tls: TlsFiles | None = None,
+        config: str | None = None,
     ) -> None:
         exe = mosquitto_path()
         if exe is None:
@@ -80,7 +82,10 @@ class Broker:
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._write_config()
+        if config is None:
+            self._write_config()
+        else:  # a whole config of the caller's (it must listen on `port`)
+            self.conf.write_text(config)
 
     @property
     def url(self) -> str:
@@ -199,27 +204,49 @@ class TlsFiles:
     ca_cert: Path
     server_cert: Path
     server_key: Path
+    ca_key: Path | None = None
 
 
-def make_tls_files(directory: Path) -> TlsFiles:
-    """A throwaway CA and a server certificate for 127.0.0.1 (openssl, EC P-256, 1 day)."""
+_EC = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+
+
+def _openssl(d: Path, words: str, *more: str) -> None:
+    """openssl with the blank-separated `words`, then `more` (arguments with blanks), in d."""
     exe = shutil.which("openssl")
     if exe is None:
         raise RuntimeError("openssl is not installed")
+    subprocess.run([exe, *words.split(), *more], check=True, capture_output=True, cwd=d)
+
+
+def make_tls_files(directory: Path, *, ca_name: str = "fleet-twin test CA") -> TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl, EC P-256, 1 day)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl(d, f"req -x509 {_EC} -keyout ca.key -out ca.crt -days 1 -subj", f"/CN={ca_name}")
+    _openssl(d, f"req {_EC} -keyout server.key -out server.csr -subj /CN=127.0.0.1")
+    _openssl(
+        d,
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt "
+        "-days 1 -extfile san.ext",
+    )
+    return TlsFiles(d / "ca.crt", d / "server.crt", d / "server.key", d / "ca.key")
 
-    def run(*args: str) -> None:
-        subprocess.run([exe, *args], check=True, capture_output=True, cwd=d)
 
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-        "-subj", "/CN=fleet-twin test CA")  # fmt: skip
-    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext")  # fmt: skip
-    return TlsFiles(d / "ca.crt", d / "server.crt", d / "server.key")
+def make_client_cert(tls: TlsFiles, name: str) -> tuple[Path, Path]:
+    """A client certificate (CN=name, extendedKeyUsage clientAuth) signed by the CA of `tls`,
+    and its key, next to the CA: (cert, key). `name` is a plain word."""
+    if tls.ca_key is None:
+        raise ValueError("the CA key is needed to sign a client certificate")
+    d = tls.ca_cert.parent
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    _openssl(d, f"req {_EC} -keyout {name}.key -out {name}.csr -subj /CN={name}")
+    _openssl(
+        d,
+        f"x509 -req -in {name}.csr -CA {tls.ca_cert.name} -CAkey {tls.ca_key.name} "
+        f"-CAcreateserial -out {name}.crt -days 1 -extfile client.ext",
+    )
+    return d / f"{name}.crt", d / f"{name}.key"
 
 
 def make_password_file(path: Path, users: dict[str, str]) -> Path:

@@ -2,7 +2,7 @@
 
     fleet-twin serve FLEET --broker mqtt://HOST:PORT [--speed X] [--seed N] [--rate R]
         [--username U --password-file F] [--tls-ca F --tls-cert F --tls-key F]
-        [--client-id ID] [--read-only]
+        [--client-id ID] [--read-only] [--journal-dir DIR]
     fleet-twin watch --broker URL --fleet NAME [--json] [--count N] [credentials, TLS as above]
 
 The password comes from `--password-file` or the environment (FLEET_TWIN_MQTT_PASSWORD; the
@@ -75,6 +75,26 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+class _RefusePassword(argparse.Action):
+    """`--password` (with or without a value) is a usage error that never echoes the value: a
+    password on the command line is readable by every user of the host (ps, /proc). Declared,
+    rather than left unknown, so that a parser allowing abbreviations cannot take it for
+    `--password-file`."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            f"unrecognized arguments: {option_string or '--password'} (a password is never taken "
+            "from the command line, where every user of the host can read it: use "
+            f"--password-file F or ${ENV_PASSWORD})"
+        )
+
+
 def add_broker_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("broker")
     g.add_argument(
@@ -89,6 +109,7 @@ def add_broker_options(p: argparse.ArgumentParser, *, required: bool = True) -> 
         metavar="F",
         help=f"file whose first line is the password (or ${ENV_PASSWORD})",
     )
+    g.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
     g.add_argument("--tls-ca", metavar="F", help="CA bundle to verify the broker (mqtts://)")
     g.add_argument("--tls-cert", metavar="F", help="client certificate (mqtts://)")
     g.add_argument("--tls-key", metavar="F", help="client private key (mqtts://)")
@@ -172,6 +193,11 @@ def add_serve_parser(sub: Any) -> None:
         action="store_true",
         help="publish telemetry only; every command gets an error reply",
     )
+    p.add_argument(
+        "--journal-dir",
+        metavar="DIR",
+        help="write the JSON journal of every scenario run with run_scenario into DIR",
+    )
     add_broker_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -192,10 +218,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 async def _serve(twin: Any, a: argparse.Namespace, kwargs: dict[str, Any]) -> int:
+    from twin.chaos_live import install_scenarios
     from twin.engine import Engine
     from twin.mqtt import MqttBridge
 
     engine = Engine(twin, speed=a.speed, read_only=a.read_only)
+    install_scenarios(engine, journal_dir=a.journal_dir)
     bridge = MqttBridge(engine, a.broker, read_only=a.read_only, **kwargs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -227,6 +255,7 @@ async def _serve(twin: Any, a: argparse.Namespace, kwargs: dict[str, Any]) -> in
     stopper.cancel()
     engine.stop()
     await _finish(engine_task)
+    await engine.close_scenario()  # a scenario still running rolls back (and ends its journal)
     bridge.stop()
     await _finish(bridge_task)
     for sig in (signal.SIGINT, signal.SIGTERM):
