@@ -534,10 +534,13 @@ async def test_palette_runs_a_shipped_scenario() -> None:
         shown = text_of(app.main.query_one(EventLog))
         assert "scenario_started" in shown and "scenario_finish" in shown  # (kind truncated)
         # nothing is running now: "Stop scenario" gets the twin's error
+        seen = len(app.store.log)
         app.main.stop_scenario()
         await commands_done(app)
-        await until(pilot, lambda: app.store.log[-1].kind == "reply", "the reply")
-        assert "no scenario is running" in app.store.log[-1].text
+        replies = lambda: [e for e in list(app.store.log)[seen:] if e.kind == "reply"]  # noqa: E731
+        await until(pilot, lambda: bool(replies()), "the reply")
+        assert replies()[0].severity == "error"
+        assert "no scenario is running" in replies()[0].text
 
 
 async def test_no_scenarios_no_run_entries() -> None:

@@ -364,15 +364,14 @@ class Engine:
         return await self.submit(cmd)
 
     def submit(self, cmd: telemetry.Command) -> asyncio.Future[telemetry.Reply]:
-        """`command()` without the coroutine: the command is queued (or, when the engine is not
-        running, applied) now, and the future gets its reply. A cancelled future does not
-        withdraw the command."""
+        """`command()` without the coroutine: the command is applied now and the future holds its
+        reply. Now is always between steps: a tick never yields to the event loop mid-way, so any
+        caller runs while the engine sleeps between ticks. Applying at once rather than at the
+        next tick gives the same simulated time (the next tick would apply it before advancing)
+        and saves up to a tick of wall-clock latency."""
         fut: asyncio.Future[telemetry.Reply] = asyncio.get_running_loop().create_future()
-        if not self._running:
-            self._apply_pending()
-            fut.set_result(self._apply(cmd))
-        else:
-            self._pending.append((cmd, fut))
+        self._apply_pending()
+        fut.set_result(self._apply(cmd))
         return fut
 
     async def handle_payload(self, payload: bytes) -> telemetry.Reply:
