@@ -114,6 +114,10 @@ class FleetApp(App[None]):
         else:
             self.store.note(t, "error", "reply", what, f"ERROR {reply.error}")
             self.notify(f"{what}: {reply.error}", title="command refused", severity="error")
+        # The link follows an accepted command with a fresh snapshot: let the telemetry worker
+        # take it into the store before redrawing, so the effect shows now, not at the next tick.
+        for _ in range(3):
+            await asyncio.sleep(0)
         self.refresh_view()
 
     # -- app actions ---------------------------------------------------------------------------
