@@ -183,6 +183,7 @@ def _cmd_main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--read-only", action="store_true", help="watch only: every action is hidden and refused"
     )
+    p.add_argument("--record", metavar="FILE", help="flight recorder file (docs/recorder.md)")
     a = p.parse_args(argv)
     from twin.build import new_twin
     from twin.catalog import load_catalog
@@ -196,6 +197,10 @@ def _cmd_main(argv: Sequence[str]) -> int:
     from twin.chaos_live import install_scenarios
 
     install_scenarios(engine, catalog=catalog)  # "Run scenario: ..." in the palette
+    if a.record:
+        from twin.replay import start_recording
+
+        start_recording(engine, a.record)  # closed when the process exits
 
     from tui.app import run_console
     from tui.link_local import LocalLink

@@ -198,6 +198,11 @@ def add_serve_parser(sub: Any) -> None:
         metavar="DIR",
         help="write the JSON journal of every scenario run with run_scenario into DIR",
     )
+    p.add_argument(
+        "--record",
+        metavar="FILE",
+        help="flight recorder: every message and command to FILE (docs/recorder.md)",
+    )
     add_broker_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -221,9 +226,12 @@ async def _serve(twin: Any, a: argparse.Namespace, kwargs: dict[str, Any]) -> in
     from twin.chaos_live import install_scenarios
     from twin.engine import Engine
     from twin.mqtt import MqttBridge
+    from twin.replay import start_recording
 
     engine = Engine(twin, speed=a.speed, read_only=a.read_only)
     install_scenarios(engine, journal_dir=a.journal_dir)
+    if a.record:
+        start_recording(engine, a.record)  # closed when the process exits
     bridge = MqttBridge(engine, a.broker, read_only=a.read_only, **kwargs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
