@@ -585,6 +585,7 @@ async def test_broker_restarts_short(tmp_path: Path) -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1200)
 async def test_broker_restarts_soak(tmp_path: Path) -> None:
     report = await soak(tmp_path, SOAK)
     assert report.restarts_survived == SOAK.restarts
