@@ -4,15 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "== installing mosquitto (apt)"
+# Debian packages the tests need: the broker, its clients and password tool, and openssl (TLS tests).
+need=""
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto"
+command -v mosquitto_sub >/dev/null 2>&1 || need="$need mosquitto-clients"
+command -v mosquitto_passwd >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_passwd ] || need="$need mosquitto"
+command -v openssl >/dev/null 2>&1 || need="$need openssl"
+if [ -n "$need" ]; then
+  echo "== installing$need (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need
 fi
-for tool in openssl tmux; do
-  command -v "$tool" >/dev/null 2>&1 || echo "note: $tool not found; tests that need it will say so"
-done
 
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
