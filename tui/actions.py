@@ -13,6 +13,9 @@ __all__ = [
     "DEGRADE_FACTORS",
     "OPERATOR_ACTIONS",
     "RATE_STEP",
+    "REPLAY_ACTIONS",
+    "REPLAY_CONTROLS",
+    "SEEK_STEP_S",
     "SPEEDS",
     "ActionSpec",
 ]
@@ -25,6 +28,8 @@ RATE_STEP = 1.25
 DEGRADE_FACTORS = (0.5, 0.25, 0.1, 0.01)
 #: Bursts offered: (factor, duration in simulated seconds).
 BURSTS = ((2.0, 30.0), (5.0, 10.0), (10.0, 5.0))
+#: `[` and `]` jump this many simulated seconds in a replay.
+SEEK_STEP_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,3 +83,20 @@ ACTIONS: tuple[ActionSpec, ...] = (
 
 #: The actions that change the twin (hidden and refused in read-only mode).
 OPERATOR_ACTIONS = frozenset(a.action for a in ACTIONS if a.changes_twin)
+
+#: Replay only (`fleet-twin tui --replay`): seeking in the recording. They change nothing.
+# fmt: off
+REPLAY_ACTIONS: tuple[ActionSpec, ...] = (
+    ActionSpec("seek_back", "left_square_bracket", "[", "Back",
+               f"Replay: jump back {SEEK_STEP_S:g} simulated seconds", changes_twin=False,
+               footer=True),
+    ActionSpec("seek_forward", "right_square_bracket", "]", "Forward",
+               f"Replay: jump forward {SEEK_STEP_S:g} simulated seconds", changes_twin=False,
+               footer=True),
+    ActionSpec("seek_to", "g", "g", "Seek to...",
+               "Replay: jump to a simulated time (seconds or h:mm:ss)", changes_twin=False),
+)
+# fmt: on
+
+#: The actions that change the twin but work on a replay (they act on the playback).
+REPLAY_CONTROLS = frozenset({"toggle_pause", "speed_up", "speed_down"})

@@ -13,9 +13,10 @@ from typing import ClassVar
 from textual.app import App
 from textual.binding import Binding, BindingType
 
-from tui.actions import ACTIONS
+from tui.actions import ACTIONS, REPLAY_ACTIONS, REPLAY_CONTROLS
 from tui.commands import FleetCommands
-from tui.link import TwinLink
+from tui.format import sim_clock
+from tui.link import REPLAY_REFUSED, TwinLink
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
 from tui.store import FleetStore
@@ -45,6 +46,8 @@ class FleetApp(App[None]):
         super().__init__()
         self.link = link
         self.read_only = read_only
+        #: A recording played back (`tui --replay`): pause, speed and seek; nothing else.
+        self.replay = link.can_seek
         self.refresh_hz = refresh_hz
         self.store = FleetStore()
         self.main = MainScreen(self.store, link, read_only=read_only)
@@ -54,6 +57,8 @@ class FleetApp(App[None]):
     def on_mount(self) -> None:
         self.push_screen(self.main)
         mode = " (read-only: actions disabled)" if self.read_only else ""
+        if self.replay and not self.read_only:
+            mode = " (pause, speed and seek; the recording cannot be changed)"
         where = "embedded twin" if self.link.where == "in-process" else self.link.where
         self.note("info", "console", self.link.fleet, f"console on {where}{mode}; ? for keys")
         self.run_worker(self._telemetry(), name="telemetry", group="telemetry")
@@ -85,8 +90,9 @@ class FleetApp(App[None]):
             "stale": "stale: no fresh data; values on screen are the last received",
             "offline": "offline",
             "embedded": "embedded twin running",
+            "replay": f"playing {self.link.where}",
         }.get(state, state)
-        severity = "info" if state in ("connected", "embedded") else "warning"
+        severity = "info" if state in ("connected", "embedded", "replay") else "warning"
         self.note(severity, "link", self.link.where, text + (f" ({detail})" if detail else ""))
 
     # -- the log and commands ------------------------------------------------------------------
@@ -98,6 +104,24 @@ class FleetApp(App[None]):
     def refuse(self, what: str) -> None:
         """An action attempted in read-only mode."""
         self.note("warning", "read-only", what, f"{what}: refused, the console is read-only")
+
+    def refuse_replay(self, what: str) -> None:
+        """An action that would change the twin, attempted on a replay."""
+        self.note("error", "replay", what, f"{what}: refused, {REPLAY_REFUSED}")
+
+    def seek(self, sim_time_s: float) -> None:
+        """Replay: jump to `sim_time_s`; the link repaints from the picture at that time."""
+        if not self.link.can_seek:
+            self.note("warning", "console", "", "seek: only a replay can seek")
+            return
+        t = self.link.seek(sim_time_s)
+        self.store.note(t, "info", "seek", "replay", f"seek to {sim_clock(t)}")
+        self.run_worker(self._redraw_soon(), group="commands")
+
+    async def _redraw_soon(self) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.refresh_view()
 
     def send(self, cmd: telemetry.Command, what: str) -> None:
         """Send a command through the link, in a worker; the reply goes to the event log."""
@@ -129,11 +153,21 @@ class FleetApp(App[None]):
     def _help_note(self) -> str:
         if self.read_only:
             return "read-only: the actions that change the twin are disabled"
+        if self.replay:
+            return f"{self.link.where}: the actions that change the twin are disabled"
         return ""
 
     def help_sections(self) -> list[tuple[str, list[tuple[str, str]]]]:
         sections: list[tuple[str, list[tuple[str, str]]]] = []
-        if not self.read_only:
+        if self.replay and not self.read_only:
+            controls = [s for s in ACTIONS if s.action in REPLAY_CONTROLS]
+            sections.append(
+                (
+                    "Replay (pause, speed and seek act on the playback)",
+                    [(s.key_display, s.help) for s in (*controls, *REPLAY_ACTIONS)],
+                )
+            )
+        elif not self.read_only:
             sections.append(
                 (
                     "Change the twin (each sends a command; the reply goes to the event log)",

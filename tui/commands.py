@@ -1,7 +1,8 @@
 """The command palette (Ctrl+P): every action of the console, the twin's chaos scenarios ("Run
 scenario: <name>" for each of `meta.scenarios`, and "Stop scenario"), and, when searching, the
 same actions with their argument already chosen (a link, a policy, a speed, an instance). In
-read-only mode only the actions that change nothing are offered."""
+read-only mode only the actions that change nothing are offered; on a replay, those and pause,
+speed and seek ("Seek to...")."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from tui.actions import ACTIONS, BURSTS, DEGRADE_FACTORS, SPEEDS
+from tui.actions import ACTIONS, BURSTS, DEGRADE_FACTORS, REPLAY_ACTIONS, SPEEDS
 from tui.format import speed_text
 from twin import telemetry
 
@@ -34,8 +35,9 @@ class FleetCommands(Provider):
         app = self.fleet_app
         main = app.main
         out: list[Entry] = []
-        for spec in ACTIONS:
-            if spec.changes_twin and app.read_only:
+        replay = app.replay and not app.read_only
+        for spec in (*ACTIONS, *(REPLAY_ACTIONS if replay else ())):
+            if spec.changes_twin and main.locked(spec.action):
                 continue
             out.append(
                 (
@@ -45,7 +47,7 @@ class FleetCommands(Provider):
                 )
             )
         meta = app.store.meta
-        if not app.read_only and meta is not None:
+        if not app.read_only and not app.replay and meta is not None:
             for name in meta.scenarios:
                 out.append(
                     (
@@ -72,6 +74,19 @@ class FleetCommands(Provider):
         )
         if app.read_only or not everything:
             return out
+        if not app.replay:
+            self._fleet_entries(out)
+        for s in SPEEDS:
+            out.append((f"Speed {speed_text(s)}", "x real time", partial(main.set_speed, s)))
+        out.append(("Speed max", "as fast as possible", partial(main.set_speed, 0.0)))
+        if not app.replay:
+            self._load_entries(out)
+        return out
+
+    def _fleet_entries(self, out: list[Entry]) -> None:
+        """Links, instances and routing, with their argument chosen (not on a replay)."""
+        main = self.fleet_app.main
+        meta = self.fleet_app.store.meta
         if meta is not None:
             for lm in meta.links:
                 for f in DEGRADE_FACTORS:
@@ -111,9 +126,10 @@ class FleetCommands(Provider):
             out.append(
                 (f"Routing: {policy}", "set the routing policy", partial(main.set_policy, policy))
             )
-        for s in SPEEDS:
-            out.append((f"Speed {speed_text(s)}", "x real time", partial(main.set_speed, s)))
-        out.append(("Speed max", "as fast as possible", partial(main.set_speed, 0.0)))
+
+    def _load_entries(self, out: list[Entry]) -> None:
+        """Bursts and arrival rates, with their argument chosen (not on a replay)."""
+        main = self.fleet_app.main
         for f, d in BURSTS:
             out.append(
                 (
@@ -128,7 +144,6 @@ class FleetCommands(Provider):
             )
         for r in (0.0, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0):
             out.append((f"Rate {r:g}/s", "set the arrival rate", partial(main.set_rate, r)))
-        return out
 
     async def discover(self) -> Hits:
         for name, help_text, callback in self.entries(everything=False):

@@ -1,9 +1,10 @@
 """The console's only door to a twin: a `TwinLink` gives telemetry messages out and takes commands.
 
-Two implementations: `tui.link_local.LocalLink` (the twin in-process, "embedded") and
-`tui.link_mqtt.MqttLink` (a remote twin over MQTT 5). The console never sees anything else of the
-twin: what it shows comes from `messages()`, what it changes goes through `command()`, and the
-reply (an error included) comes back as a `telemetry.Reply`.
+Three implementations: `tui.link_local.LocalLink` (the twin in-process, "embedded"),
+`tui.link_mqtt.MqttLink` (a remote twin over MQTT 5) and `tui.link_replay.ReplayLink` (a flight
+recording played back: pause, speed and seek work, every other command is refused). The console
+never sees anything else of the twin: what it shows comes from `messages()`, what it changes goes
+through `command()`, and the reply (an error included) comes back as a `telemetry.Reply`.
 
 Link states, as the header shows them:
 
@@ -14,6 +15,7 @@ Link states, as the header shows them:
   `STALE_AFTER_S`; the values stay on screen, marked, and `stale_since` says since when.
 - ``offline``: never received anything yet (connecting), or the twin said it went offline (its
   retained status / Last Will).
+- ``replay``: a recording played back (`can_seek`); its data is never stale.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from typing import Literal
 
 from twin import telemetry
 
-__all__ = ["STALE_AFTER_S", "LinkState", "Mailbox", "TwinLink", "error_reply"]
+__all__ = ["REPLAY_REFUSED", "STALE_AFTER_S", "LinkState", "Mailbox", "TwinLink", "error_reply"]
 
-LinkState = Literal["embedded", "connected", "stale", "offline"]
+LinkState = Literal["embedded", "connected", "stale", "offline", "replay"]
 
 #: No message for longer than this marks a remote link stale (summaries come at 4-10 Hz).
 STALE_AFTER_S = 3.0
+#: A replay link's error reply to every command that would change the twin.
+REPLAY_REFUSED = "replay: the recording cannot be changed"
 
 
 def error_reply(cmd_id: str, error: str, sim_time_s: float = 0.0) -> telemetry.Reply:
@@ -51,7 +55,7 @@ class TwinLink(ABC):
     @property
     @abstractmethod
     def state(self) -> LinkState:
-        """embedded | connected | stale | offline (see the module docstring)."""
+        """embedded | connected | stale | offline | replay (see the module docstring)."""
 
     @property
     def stale_since(self) -> float | None:
@@ -68,6 +72,22 @@ class TwinLink(ABC):
     def detail(self) -> str:
         """A short reason for the current state ("" when all is well)."""
         return ""
+
+    @property
+    def can_seek(self) -> bool:
+        """True for a recording played back: the console offers `seek` and refuses the actions
+        that would change the twin."""
+        return False
+
+    def seek(self, sim_time_s: float) -> float:
+        """Jump to `sim_time_s` (clamped to the recording); returns the time jumped to. Only a
+        link whose `can_seek` is True has it."""
+        raise NotImplementedError("this link cannot seek")
+
+    @property
+    def timeline(self) -> tuple[float, float, float]:
+        """(start, now, end) in simulated seconds, for a link that can seek."""
+        raise NotImplementedError("this link has no timeline")
 
     @abstractmethod
     async def start(self) -> None:
@@ -107,6 +127,10 @@ class Mailbox:
             self.dropped += 1
         self._buf.append(msg)
         self._ready.set()
+
+    def clear(self) -> None:
+        """Forget the messages waiting (a replay that seeks)."""
+        self._buf.clear()
 
     def close(self) -> None:
         self._closed = True

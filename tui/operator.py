@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tui.actions import BURSTS, DEGRADE_FACTORS, RATE_STEP, SPEEDS
-from tui.format import speed_text
+from tui.actions import BURSTS, DEGRADE_FACTORS, RATE_STEP, SEEK_STEP_S, SPEEDS
+from tui.format import sim_clock, speed_text
 from tui.screens.ask import AskScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.picker import PickScreen
@@ -39,6 +39,29 @@ def _number(text: str, *, positive: bool = False) -> str | None:
         return "expected a finite number"
     if v < 0 or (positive and v == 0):
         return "expected a number > 0" if positive else "expected a number >= 0"
+    return None
+
+
+def parse_sim_time(text: str) -> float | None:
+    """Simulated seconds from "90", "1:30" or "0:01:30.5"; None when it is none of these."""
+    parts = text.strip().split(":")
+    if not 1 <= len(parts) <= 3:
+        return None
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        return None
+    t = 0.0
+    for v in values:
+        if not (v == v and abs(v) != float("inf")) or v < 0:
+            return None
+        t = t * 60.0 + v
+    return t
+
+
+def _sim_time_problem(text: str) -> str | None:
+    if parse_sim_time(text) is None:
+        return f"{text!r} is not a time: seconds (90) or h:mm:ss (0:01:30)"
     return None
 
 
@@ -283,3 +306,39 @@ class OperatorActions:
 
     def action_speed_down(self) -> None:
         self._step_speed(up=False)
+
+    # -- replay --------------------------------------------------------------------------------
+    def seek_to(self, sim_time_s: float) -> None:
+        """Replay: jump to `sim_time_s` (clamped to the recording)."""
+        self.fleet_app.seek(sim_time_s)
+
+    def _seek_by(self, delta_s: float) -> None:
+        link = self.fleet_app.link
+        if link.can_seek:
+            self.seek_to(link.timeline[1] + delta_s)
+
+    def action_seek_back(self) -> None:
+        self._seek_by(-SEEK_STEP_S)
+
+    def action_seek_forward(self) -> None:
+        self._seek_by(SEEK_STEP_S)
+
+    def action_seek_to(self) -> None:
+        link = self.fleet_app.link
+        if not link.can_seek:
+            return
+        start, now, end = link.timeline
+
+        def done(text: str | None) -> None:
+            if text is not None and (t := parse_sim_time(text)) is not None:
+                self.seek_to(t)
+
+        self.fleet_app.push_screen(
+            AskScreen(
+                f"Seek to simulated time (seconds or h:mm:ss; {sim_clock(start)} to "
+                f"{sim_clock(end)})",
+                sim_clock(now),
+                check=_sim_time_problem,
+            ),
+            done,
+        )

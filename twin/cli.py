@@ -222,19 +222,37 @@ def _add_tui(sub: Any) -> None:
 
     p = sub.add_parser(
         "tui",
-        help="the operator console attached to a remote twin over MQTT",
+        help="the operator console attached to a remote twin over MQTT, or on a recording",
         description="Open the operator console on a twin that runs elsewhere "
-        "(`fleet-twin serve`), through an MQTT 5 broker.",
+        "(`fleet-twin serve`), through an MQTT 5 broker (--broker and --fleet), or play a "
+        "flight recording back (--replay FILE) with pause, speed and seek.",
     )
-    p.add_argument("--fleet", required=True, help="fleet name (the topic is fleet-twin/v1/NAME/)")
+    p.add_argument("--fleet", help="fleet name (the topic is fleet-twin/v1/NAME/)")
+    p.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="play a flight recording back (docs/recorder.md) instead of attaching to a broker",
+    )
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        help="--replay only: x real time (default 1; 0 = as fast as possible)",
+    )
     p.add_argument(
         "--read-only", action="store_true", help="watch only: every action is hidden and refused"
     )
-    add_broker_options(p)
-    p.set_defaults(func=_cmd_tui)
+    add_broker_options(p, required=False)
+    p.set_defaults(func=_cmd_tui, parser=p)
 
 
 def _cmd_tui(a: argparse.Namespace) -> int:
+    if a.replay is not None:
+        return _cmd_tui_replay(a)
+    if a.speed is not None:
+        a.parser.error("--speed is for --replay only (a remote twin's speed is its own)")
+    if not a.broker or not a.fleet:
+        a.parser.error("--broker URL and --fleet NAME are required (or --replay FILE)")
     from twin.mqtt import BrokerConfig
     from twin.serve import broker_kwargs
 
@@ -251,6 +269,24 @@ def _cmd_tui(a: argparse.Namespace) -> int:
         tls_context=config.tls_context,
         client_id=config.client_id,
     )
+    _quiet_logging()
+    return run_console(link, read_only=a.read_only)
+
+
+def _cmd_tui_replay(a: argparse.Namespace) -> int:
+    if a.broker or a.fleet:
+        a.parser.error("--replay FILE plays a recording: it takes no --broker or --fleet")
+    speed = 1.0 if a.speed is None else a.speed
+    if not (speed >= 0 and speed != float("inf")):
+        a.parser.error(f"--speed: expected a number >= 0, got {a.speed}")
+    from tui.app import run_console
+    from tui.link_replay import ReplayLink
+    from twin.recorder import RecordingError
+
+    try:
+        link = ReplayLink(a.replay, speed=speed)
+    except RecordingError as e:
+        raise ConfigError(str(e)) from None
     _quiet_logging()
     return run_console(link, read_only=a.read_only)
 

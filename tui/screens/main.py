@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer
 
-from tui.actions import ACTIONS, OPERATOR_ACTIONS
+from tui.actions import ACTIONS, OPERATOR_ACTIONS, REPLAY_ACTIONS, REPLAY_CONTROLS
 from tui.link import TwinLink
 from tui.operator import OperatorActions
 from tui.store import FleetStore
@@ -34,6 +34,8 @@ __all__ = ["MainScreen"]
 _OPERATOR_KEYS = {
     key: spec for spec in ACTIONS if spec.changes_twin for key in spec.keys.split(",")
 }
+#: The actions a replay offers that no other link has.
+_SEEK_ACTIONS = frozenset(s.action for s in REPLAY_ACTIONS)
 _CHIP_LEGEND = "■ up  ▣ instance  [b red]✗[/] failed  [b yellow]◌[/] draining  · no data"
 
 
@@ -42,7 +44,7 @@ class MainScreen(OperatorActions, Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding(s.keys, s.action, s.title, show=s.footer, key_display=s.key_display)
-        for s in ACTIONS
+        for s in (*ACTIONS, *REPLAY_ACTIONS)
     ]
 
     def __init__(self, store: FleetStore, link: TwinLink, *, read_only: bool = False) -> None:
@@ -50,6 +52,8 @@ class MainScreen(OperatorActions, Screen[None]):
         self.store = store
         self.link = link
         self.read_only = read_only
+        #: A recording played back: seek is offered, the actions that change the twin are not.
+        self.replay = link.can_seek
         self._seen: dict[str, int] = {}
         self._fit_key: tuple[int, int, int, int] = (0, 0, 0, 0)
         #: True once the panels are mounted (the app may draw before that).
@@ -99,15 +103,27 @@ class MainScreen(OperatorActions, Screen[None]):
     def selected_ref(self) -> ChipRef | None:
         return self.chip_map.selected
 
-    # -- read-only -----------------------------------------------------------------------------
+    # -- read-only and replay ------------------------------------------------------------------
+    def locked(self, action: str) -> bool:
+        """An action that changes the twin, which this console may not do (read-only, or a
+        replay: there only pause and speed work, on the playback)."""
+        if action not in OPERATOR_ACTIONS:
+            return False
+        return self.read_only or (self.replay and action not in REPLAY_CONTROLS)
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # Read-only: hidden from the footer, the help and the palette (on_key refuses the keys).
-        return not (self.read_only and action in OPERATOR_ACTIONS)
+        # Hidden from the footer, the help and the palette (on_key refuses the keys).
+        if action in _SEEK_ACTIONS:
+            return self.replay
+        return not self.locked(action)
 
     def on_key(self, event: events.Key) -> None:
-        if self.read_only and event.key in _OPERATOR_KEYS:
-            spec = _OPERATOR_KEYS[event.key]
-            self.fleet_app.refuse(spec.title.lower())
+        spec = _OPERATOR_KEYS.get(event.key)
+        if spec is not None and self.locked(spec.action):
+            if self.read_only:
+                self.fleet_app.refuse(spec.title.lower())
+            else:
+                self.fleet_app.refuse_replay(spec.title.lower())
             event.stop()
             event.prevent_default()
 

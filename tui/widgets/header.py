@@ -21,6 +21,7 @@ _WARN = Style(color="#ffd75f", bold=True)
 _BAD = Style(color="#ff5f5f", bold=True)
 _STALE = Style(color="#000000", bgcolor="#ffd75f", bold=True)
 _OFFLINE = Style(color="#ffffff", bgcolor="#d70000", bold=True)
+_REPLAY = Style(color="#000000", bgcolor="#87d7ff", bold=True)
 
 
 class FleetHeader(Widget):
@@ -121,6 +122,9 @@ class FleetHeader(Widget):
             since = f" since {max(0, int(time.monotonic() - stale_since))} s"
         if state == "embedded":
             out.append("● embedded", _OK)
+        elif state == "replay":
+            out.append(" ◆ REPLAY ", _REPLAY)
+            out.append(f" {where.removeprefix('replay ')}")
         elif state == "connected":
             out.append("● ", _OK)
             out.append(where)
