@@ -31,7 +31,9 @@ B1_LINK_BPS = 450e9
 B1_LINK_S = 5e-6
 
 
-def b1_twin(catalog: Catalog, seed: int = 0) -> tuple[core.Params, core.State]:
+def b1_twin(
+    catalog: Catalog, seed: int = 0, requests: int = B1_REQUESTS
+) -> tuple[core.Params, core.State]:
     """One prefill and one decode instance, each one h100-sxm serving llama-3.1-8b at bf16."""
     h100, model = catalog.systems["h100-sxm"], catalog.models["llama-3.1-8b"]
     rows = [
@@ -53,17 +55,17 @@ def b1_twin(catalog: Catalog, seed: int = 0) -> tuple[core.Params, core.State]:
         rate_per_s=B1_RATE,
         prompt=LengthSpec(dist="uniform", low=64, high=1024),
         output=LengthSpec(dist="uniform", low=16, high=512),
-        max_requests=B1_REQUESTS,
+        max_requests=requests,
     )
     rng = np.random.default_rng(seed)
     state = core.new_state(params, Workload(spec, rng), rng, ring_size=1 << 14)
     return params, state
 
 
-def run_b1(catalog: Catalog, seed: int = 0) -> dict[str, float]:
-    params, state = b1_twin(catalog, seed)
+def run_b1(catalog: Catalog, seed: int = 0, requests: int = B1_REQUESTS) -> dict[str, float]:
+    params, state = b1_twin(catalog, seed, requests)
     wall0 = time.perf_counter()
-    while state.done + state.rejected_total < B1_REQUESTS:
+    while state.done + state.rejected_total < requests:
         core.step(state, params, 1.0, adaptive=True)
     wall = time.perf_counter() - wall0
     ring = state.ring
@@ -71,7 +73,7 @@ def run_b1(catalog: Catalog, seed: int = 0) -> dict[str, float]:
         "wall_s": wall,
         "sim_s": state.t,
         "b1_realtime_factor": state.t / wall,
-        "requests_per_wall_s": B1_REQUESTS / wall,
+        "requests_per_wall_s": requests / wall,
         "steps": float(state.steps),
         "ttft_p50_s": float(np.median(ring.ttft[: ring.n])),
         "tpot_p50_s": float(np.median(ring.tpot[: ring.n])),
@@ -112,9 +114,15 @@ def run_b2(
     out: dict[str, float] = {"chips": float(params.n_chips)}
     for target in targets:
         # raise the load until `target` requests are in flight, then hold it there
-        core.set_rate(state, target / 2.0)
+        rate = target / 2.0
+        core.set_rate(state, rate)
+        n = 0
         while state.in_flight < target:
             core.step(state, params, 0.1)
+            n += 1
+            if n % 20 == 0:  # the fleet keeps up: raise the load until it cannot
+                rate *= 2.0
+                core.set_rate(state, rate)
         core.set_rate(state, float(state.done) / max(state.t, 1.0))
         times = []
         for _ in range(steps):
